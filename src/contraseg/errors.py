@@ -1,0 +1,18 @@
+"""The one exception type that the command line turns into a one-line error and exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad user input: a missing or malformed file, an inconsistent dataset, a bad config.
+
+    The message always names the offending file (or config key) so that the command line can
+    print it on one line without a traceback.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -1,0 +1,1 @@
+"""Metrics and whole-volume inference on the native grid."""

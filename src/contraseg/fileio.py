@@ -1,0 +1,56 @@
+"""Atomic file writes: a reader never sees a half-written file, whatever interrupts the writer.
+
+Every write goes to a temporary file in the destination folder and is then renamed over the
+target (``os.replace`` is atomic on POSIX and Windows when both lie on one file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` on success only."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _atomic_open(target: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
+    with atomic_path(target) as tmp, open(tmp, mode) as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_text(target: str | Path, text: str) -> None:
+    _atomic_open(target, "w", lambda f: f.write(text))
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    _atomic_open(target, "wb", lambda f: f.write(data))
+
+
+def write_json(target: str | Path, obj: Any) -> None:
+    write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_npy(target: str | Path, array: np.ndarray) -> None:
+    """Uncompressed ``.npy`` so that training can memory-map it."""
+    _atomic_open(target, "wb", lambda f: np.save(f, np.ascontiguousarray(array)))

@@ -1,0 +1,1 @@
+"""The three training stages, their shared trainer loop and checkpoints."""
