@@ -1,0 +1,127 @@
+"""Per-volume segmentation metrics on integer label volumes (method_spec 6.3).
+
+The paper's score is 3-D Dice per foreground class on each test volume, averaged over the
+foreground classes, then over the volumes; :func:`dice_per_class` gives the first step. HD95
+(:func:`hd95_per_class`) is MONAI's 95th-percentile symmetric Hausdorff distance between the
+surfaces of prediction and reference, in millimetres through the voxel spacing.
+
+Empty-mask policy, per volume and foreground class:
+
+=======================  ==========  ==========================================================
+prediction / reference   Dice        HD95
+=======================  ==========  ==========================================================
+both empty               1.0         0.0 (nothing to find, nothing found)
+exactly one empty        0.0         NaN (a distance to an empty surface is undefined)
+=======================  ==========  ==========================================================
+
+HD95 values are therefore summarised NaN-aware, together with the number of undefined cases:
+:func:`summarise_hd95` does this so that no caller averages NaNs or silently drops them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+__all__ = ["HD95Summary", "dice_per_class", "hd95_per_class", "summarise_hd95"]
+
+
+def _check_labels(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> None:
+    """Fail early on inputs that would give a plausible but wrong score."""
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2 (background + 1), got {num_classes}")
+    for name, volume in (("prediction", pred), ("reference", ref)):
+        if not np.issubdtype(volume.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer labels, got dtype {volume.dtype}")
+        if volume.size and (volume.min() < 0 or volume.max() >= num_classes):
+            raise ValueError(
+                f"{name} labels must lie in [0, {num_classes}), "
+                f"got [{volume.min()}, {volume.max()}]"
+            )
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of each foreground class 1..num_classes-1 over the whole volume, shape (K-1,).
+
+    Both masks empty gives 1.0, exactly one empty gives 0.0. Computed from one confusion matrix,
+    so one pass over the volume whatever the number of classes.
+    """
+    _check_labels(pred, ref, num_classes)
+    codes = ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
+    confusion = np.bincount(codes, minlength=num_classes**2).reshape(num_classes, num_classes)
+    overlap = np.diag(confusion)[1:].astype(np.float64)
+    total = (confusion.sum(axis=0) + confusion.sum(axis=1))[1:].astype(np.float64)
+    return np.divide(2.0 * overlap, total, out=np.ones_like(total), where=total > 0)
+
+
+def hd95_per_class(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], num_classes: int
+) -> np.ndarray:
+    """HD95 in millimetres of each foreground class 1..num_classes-1, shape (K-1,).
+
+    ``spacing`` is the voxel size along the array's axes, in the same order (X, Y, Z for a
+    volume read from NIfTI). Both masks empty gives 0.0, exactly one empty gives NaN; MONAI is
+    only called on classes present in both, so it never warns about empty masks. MONAI's HD95 is
+    the larger of the two directed 95th percentiles of surface-voxel distances.
+    """
+    _check_labels(pred, ref, num_classes)
+    if len(spacing) != pred.ndim or min(spacing) <= 0:
+        raise ValueError(f"spacing needs {pred.ndim} positive values, got {list(spacing)}")
+    out = np.zeros(num_classes - 1)
+    for label in range(1, num_classes):
+        in_pred, in_ref = pred == label, ref == label
+        found, present = bool(in_pred.any()), bool(in_ref.any())
+        if found != present:
+            out[label - 1] = np.nan
+        elif present:
+            with warnings.catch_warnings():
+                # MONAI 1.6 passes its own deprecated argument internally; nothing to act on.
+                warnings.filterwarnings("ignore", ".*`always_return_as_numpy`", FutureWarning)
+                distance = compute_hausdorff_distance(
+                    torch.from_numpy(in_pred)[None, None],
+                    torch.from_numpy(in_ref)[None, None],
+                    include_background=True,  # the single channel is this foreground class
+                    percentile=95,
+                    spacing=[float(s) for s in spacing],
+                )
+            out[label - 1] = float(distance)
+    return out
+
+
+@dataclass(frozen=True)
+class HD95Summary:
+    """NaN-aware HD95 over volumes, with the count of undefined (one-side-empty) cases."""
+
+    mean: float  # per volume mean over defined classes, then mean over volumes that have any
+    per_class: np.ndarray  # (K-1,) mean over the volumes where the class is defined
+    undefined: int  # (volume, class) pairs where exactly one of prediction/reference is empty
+    undefined_per_class: np.ndarray  # (K-1,) int
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    """Mean of the non-NaN values along ``axis``; NaN where there are none (without warning)."""
+    defined = ~np.isnan(values)
+    count = defined.sum(axis=axis)
+    total = np.where(defined, values, 0.0).sum(axis=axis)
+    return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+def summarise_hd95(per_volume: np.ndarray) -> HD95Summary:
+    """Summarise (volumes, K-1) values of :func:`hd95_per_class` in the order used for Dice."""
+    values = np.asarray(per_volume, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"expected (volumes, classes) values, got shape {values.shape}")
+    undefined = np.isnan(values)
+    return HD95Summary(
+        mean=float(_nanmean(_nanmean(values, axis=1), axis=0)),
+        per_class=_nanmean(values, axis=0),
+        undefined=int(undefined.sum()),
+        undefined_per_class=undefined.sum(axis=0),
+    )
