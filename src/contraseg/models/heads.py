@@ -1,0 +1,191 @@
+"""Projection heads g1 (global) and g2 (local), and the local-region machinery of stage 2.
+
+- :class:`GlobalHead` (g1, method_spec 2.3): flatten e(x) -> Dense(hidden, no bias) -> ReLU ->
+  Dense(out, no bias). No BN, as in the official code.
+- :class:`LocalHead` (g2, method_spec 2.5): 1x1 conv (no bias) + BN + ReLU, then a 1x1 conv
+  (no bias, no BN, no activation), channels unchanged.
+- :func:`official_region_grid` (method_spec 4.1): the fixed 5x5 grid of region corners, the 13
+  anchors and each anchor's 5 neighbouring negatives.
+- :func:`extract_regions`: KxK regions at given corners, flattened (not pooled), vectorised.
+- :class:`RegionProjector`: the shared dense layer applied to every flattened region (the
+  official ``wgt_en=1``, layer ``seg_pred``).
+- :class:`LocalEmbedder`: g2 + region extraction + optional projector, d_l map -> (B, R, D).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# Grid coordinates (row, col) on the 5x5 grid g in {0..4}^2 (method_spec 4.1). The anchors are
+# the 9 points with both coordinates even and the 4 with both odd; the table gives 5 "nearby"
+# negatives per anchor. Four negatives, (1,2) (2,1) (2,3) (3,2), are not anchors, so the region
+# set is 17 regions: the 13 anchors first, then those four.
+_ANCHORS: tuple[tuple[int, int], ...] = (
+    (0, 0), (0, 2), (0, 4), (2, 0), (2, 2), (2, 4), (4, 0), (4, 2), (4, 4),
+    (1, 1), (1, 3), (3, 1), (3, 3),
+)  # fmt: skip
+_NEGATIVES: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((0, 2), (1, 1), (1, 2), (2, 0), (2, 1)),
+    ((0, 0), (0, 4), (1, 1), (1, 3), (2, 2)),
+    ((0, 2), (1, 2), (1, 3), (2, 3), (2, 4)),
+    ((0, 0), (1, 1), (2, 2), (4, 0), (3, 1)),
+    ((1, 1), (1, 3), (3, 1), (3, 3), (2, 0)),
+    ((0, 4), (2, 2), (4, 4), (1, 3), (3, 3)),
+    ((2, 0), (2, 1), (4, 2), (3, 1), (3, 2)),
+    ((2, 2), (4, 0), (4, 4), (3, 1), (3, 3)),
+    ((2, 3), (2, 4), (4, 2), (3, 3), (3, 2)),
+    ((0, 0), (0, 2), (2, 0), (2, 2), (1, 3)),
+    ((0, 2), (0, 4), (1, 1), (2, 2), (2, 4)),
+    ((2, 0), (2, 2), (4, 0), (4, 2), (3, 3)),
+    ((2, 2), (2, 4), (4, 2), (4, 4), (3, 1)),
+)
+_GRID_STEPS = 4  # grid coordinates 0..4
+
+
+class RegionGrid(NamedTuple):
+    """Region corners and the official negatives.
+
+    corners: (R, 2) long, top-left (row, col) pixels; rows 0..A-1 are the anchors.
+    neg_index: (A, n_neg) long, indices into ``corners`` of each anchor's negatives.
+    """
+
+    corners: Tensor
+    neg_index: Tensor
+
+
+def official_region_grid(height: int, width: int, size: int = 3) -> RegionGrid:
+    """The official fixed region grid for a ``height`` x ``width`` feature map (method_spec 4.1).
+
+    Grid coordinate g maps to pixel ``int(g * (W - K - 1) / 4)``. For K = 3 that is the official
+    ``int(g * (W - 4) / 4)`` ({0, 11, 22, 33, 44} at 48); for K = 1 we keep the same rule, i.e.
+    the same one-pixel margin at the far edge ({0, 11, 23, 34, 46} at 48), rather than the
+    official code's separate 1x1 lists. The same 13 anchors and 5-neighbour table are used for
+    both K. Returns 17 regions (13 anchors, then 4 negative-only regions) and a (13, 5) table.
+
+    Raises ValueError if the map is too small for 5 distinct grid positions per axis.
+    """
+    if size < 1:
+        raise ValueError(f"region size must be positive, got {size}")
+    span_h, span_w = height - size - 1, width - size - 1
+    if min(span_h, span_w) < _GRID_STEPS:
+        raise ValueError(
+            f"feature map {height}x{width} is smaller than the region grid: {size}x{size} regions "
+            f"on a 5x5 grid need at least {size + 1 + _GRID_STEPS} pixels per side"
+        )
+    extras = sorted({n for negs in _NEGATIVES for n in negs} - set(_ANCHORS))
+    points = list(_ANCHORS) + extras
+    index = {p: i for i, p in enumerate(points)}
+    corners = torch.tensor(
+        [[int(r * span_h / _GRID_STEPS), int(c * span_w / _GRID_STEPS)] for r, c in points],
+        dtype=torch.long,
+    )
+    neg_index = torch.tensor([[index[n] for n in negs] for negs in _NEGATIVES], dtype=torch.long)
+    return RegionGrid(corners, neg_index)
+
+
+def extract_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
+    """Flattened ``size`` x ``size`` regions of ``fmap`` at ``corners`` (top-left, row/col).
+
+    Args:
+        fmap: (B, C, H, W) feature map.
+        corners: (R, 2) integer top-left corners.
+        size: region side K.
+
+    Returns:
+        (B, R, C*K*K), each region flattened channel-major (c, row, col), gathered with one
+        advanced-indexing call so that it costs the same for 13 regions or 2000.
+    """
+    if fmap.ndim != 4:
+        raise ValueError(f"fmap must be (B, C, H, W), got shape {tuple(fmap.shape)}")
+    if corners.ndim != 2 or corners.shape[1] != 2 or corners.dtype.is_floating_point:
+        raise ValueError(f"corners must be an integer (R, 2) tensor, got {tuple(corners.shape)}")
+    if size < 1:
+        raise ValueError(f"region size must be positive, got {size}")
+    height, width = fmap.shape[2], fmap.shape[3]
+    corners = corners.to(device=fmap.device, dtype=torch.long)
+    if corners.numel() and (
+        corners.min() < 0
+        or corners[:, 0].max() + size > height
+        or corners[:, 1].max() + size > width
+    ):
+        raise ValueError(
+            f"regions of size {size} at the given corners do not fit in the {height}x{width} map "
+            f"(the feature map is smaller than the region grid)"
+        )
+    offsets = torch.arange(size, device=fmap.device)
+    rows = (corners[:, 0, None] + offsets)[:, :, None]  # (R, K, 1)
+    cols = (corners[:, 1, None] + offsets)[:, None, :]  # (R, 1, K)
+    patches = fmap[:, :, rows, cols]  # (B, C, R, K, K)
+    batch, channels, n_regions = fmap.shape[0], fmap.shape[1], corners.shape[0]
+    return patches.permute(0, 2, 1, 3, 4).reshape(batch, n_regions, channels * size * size)
+
+
+class GlobalHead(nn.Module):
+    """g1: flatten -> Linear(in_features, hidden, no bias) -> ReLU -> Linear(hidden, out, no bias).
+
+    ``in_features`` is e's flattened output, ``UNet.bottleneck_features(H, W)`` (4608 at 192).
+    """
+
+    def __init__(self, in_features: int, hidden: int = 1024, out: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out, bias=False),
+        )
+
+    def forward(self, bottleneck: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, out); not normalised (the loss normalises)."""
+        return self.net(bottleneck)
+
+
+class LocalHead(nn.Sequential):
+    """g2: 1x1 conv (no bias) + BN + ReLU, then a plain 1x1 conv (no bias); C -> C."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(channels, channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, kernel_size=1, bias=False),
+        )
+
+
+class RegionProjector(nn.Module):
+    """Shared Linear(in_features, out, no bias) on every flattened region (official wgt_en)."""
+
+    def __init__(self, in_features: int, out: int = 128) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out, bias=False)
+
+    def forward(self, regions: Tensor) -> Tensor:
+        """(B, R, in_features) -> (B, R, out)."""
+        return self.linear(regions)
+
+
+class LocalEmbedder(nn.Module):
+    """d_l feature map -> region embeddings (B, R, D) for :func:`local_contrastive_loss`.
+
+    g2, then :func:`extract_regions` at ``corners``, then (if ``project``) the shared dense
+    layer; D = ``out`` when projecting, else C*K*K. ``corners`` is a buffer so it follows the
+    module across devices; it is not persistent, since it is derived from the config.
+    """
+
+    corners: Tensor
+
+    def __init__(
+        self, channels: int, corners: Tensor, size: int = 3, project: bool = True, out: int = 128
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.g2 = LocalHead(channels)
+        self.projector = RegionProjector(channels * size * size, out) if project else None
+        self.register_buffer("corners", corners.to(torch.long).clone(), persistent=False)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        regions = extract_regions(self.g2(fmap), self.corners, self.size)
+        return regions if self.projector is None else self.projector(regions)
