@@ -1,0 +1,40 @@
+"""Contrastive (global, local) and segmentation losses, as pure functions.
+
+``contraseg.losses.reference`` holds slow loop implementations used by tests and benchmarks.
+"""
+
+from contraseg.losses.global_contrastive import (
+    GLOBAL_STRATEGIES,
+    global_chance_level,
+    global_contrastive_loss,
+    global_pair_masks,
+)
+from contraseg.losses.local_contrastive import (
+    LOCAL_STRATEGIES,
+    local_chance_level,
+    local_contrastive_loss,
+    local_pairs,
+)
+from contraseg.losses.segmentation import (
+    SEGMENTATION_LOSSES,
+    official_class_weights,
+    segmentation_loss,
+    soft_dice_loss,
+    weighted_cross_entropy,
+)
+
+__all__ = [
+    "GLOBAL_STRATEGIES",
+    "LOCAL_STRATEGIES",
+    "SEGMENTATION_LOSSES",
+    "global_chance_level",
+    "global_contrastive_loss",
+    "global_pair_masks",
+    "local_chance_level",
+    "local_contrastive_loss",
+    "local_pairs",
+    "official_class_weights",
+    "segmentation_loss",
+    "soft_dice_loss",
+    "weighted_cross_entropy",
+]
