@@ -194,8 +194,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, dict):
             raise InputError(source, f"'{key}' must be a mapping, got {value!r}")
         return _from_dict(tp, value, source, prefix=f"{key}.")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, int | str) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise InputError(source, f"'{key}' must be {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):
