@@ -262,7 +262,8 @@ class NnunetReader:
         spacings, shapes = self._headers
         target = self.config.target_spacing or self.default_spacing
         extent = np.median(spacings * shapes, axis=0)
-        size = [32 * math.ceil(extent[i] / target[i] / 32 - 1e-9) for i in range(2)]
+        # 1e-3 px of slack: header spacings are float32 (40 x 0.8 mm is 32.0000005 mm)
+        size = [32 * math.ceil(extent[i] / target[i] / 32 - 1e-3 / 32) for i in range(2)]
         return size[0], size[1]
 
     # -- loading ----------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Writers of small datasets in each real layout, shared by the reader tests."""
+
+from __future__ import annotations
+
+import json
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from contraseg import cli
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def axial_affine(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """An LPS-stored axial volume as scanners write it: x toward left, y toward posterior."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def blob_label(shape: tuple[int, int, int], values: Sequence[int], seed: int) -> np.ndarray:
+    """A label map with one box per value, placed at random but never empty."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, dtype=np.int16)
+    for value in values:
+        lo = [int(rng.integers(0, max(1, s // 2))) for s in shape]
+        hi = [lo[i] + max(1, shape[i] // 3) for i in range(3)]
+        label[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = value
+    return label
+
+
+def image_from_label(label: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (100.0 + 50.0 * label + rng.normal(0, 5, label.shape)).astype(np.float32)
+
+
+# -- MSD Task05 Prostate -------------------------------------------------------------------
+
+
+def write_prostate(root: Path, numbers: Sequence[int] = (0, 1, 2, 4), shape=(40, 36, 5)) -> Path:
+    """Task05_Prostate: 4-D (T2, ADC) images at 0.625 x 0.625 x 3.6 mm, labels 0/1/2."""
+    training = []
+    for number in numbers:
+        name = f"prostate_{number:02d}.nii.gz"
+        label = blob_label(shape, (1, 2), seed=number)
+        t2 = image_from_label(label, seed=number)
+        adc = 2000.0 - 3 * t2  # distinguishable from T2
+        affine = axial_affine((0.625, 0.625, 3.6), origin=(100.0, 90.0, -30.0))
+        write_nifti(root / "imagesTr" / name, np.stack([t2, adc], axis=-1), affine)
+        write_nifti(root / "labelsTr" / name, label.astype(np.uint8), affine)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {
+        "name": "PROSTATE",
+        "tensorImageSize": "4D",
+        "modality": {"0": "T2", "1": "ADC"},
+        "labels": {"0": "background", "1": "PZ", "2": "TZ"},
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(meta, indent=4))
+    return root
+
+
+# -- MMWHS MR ------------------------------------------------------------------------------
+
+MMWHS_RAW = (205, 420, 500, 550, 600, 820, 850)
+
+
+def oblique_coronal_affine(spacing: Sequence[float], degrees: float = 12.0) -> np.ndarray:
+    """A coronal acquisition tilted about the S axis: voxel axis 0 runs toward the patient's
+    left, axis 1 toward inferior, axis 2 (the slices) toward anterior."""
+    t = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    axes = np.column_stack([[-1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])  # L, I, A
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ axes @ np.diag(spacing)
+    affine[:3, 3] = (60.0, -40.0, 25.0)
+    return affine
+
+
+def write_mmwhs(root: Path, numbers: Sequence[int] = (1001, 1002, 1003), shape=(30, 24, 20)):
+    """mr_train_10XX_{image,label}.nii.gz with raw label values and an oblique coronal affine."""
+    for number in numbers:
+        label = blob_label(shape, MMWHS_RAW, seed=number)
+        affine = oblique_coronal_affine((1.2, 1.0, 1.8))
+        image = image_from_label((label > 0).astype(np.int16) * (number % 7 + 1), seed=number)
+        write_nifti(root / f"mr_train_{number}_image.nii.gz", image, affine)
+        write_nifti(root / f"mr_train_{number}_label.nii.gz", label, affine)
+    return root
+
+
+# -- nnU-Net raw v2 ------------------------------------------------------------------------
+
+
+def write_nnunet(
+    root: Path,
+    train: Sequence[str] = ("case_000", "case_001", "case_002", "case_003"),
+    test: Sequence[str] = ("case_100", "case_101"),
+    channels: dict[str, str] | None = None,
+    spacing: Sequence[float] = (0.8, 0.7, 3.0),
+    shape=(40, 44, 6),
+) -> Path:
+    """DatasetXXX_Name with dataset.json, imagesTr/labelsTr and unlabelled imagesTs."""
+    channels = channels or {"0": "T2", "1": "ADC"}
+    labels = {"background": 0, "lesion": 1, "organ": 2}
+    for i, case in enumerate([*train, *test]):
+        label = blob_label(shape, (1, 2), seed=i)
+        folder = "imagesTr" if case in train else "imagesTs"
+        for c in range(len(channels)):
+            image = image_from_label(label, seed=10 * i + c) * (c + 1)
+            write_nifti(root / folder / f"{case}_{c:04d}.nii.gz", image, axial_affine(spacing))
+        if case in train:
+            write_nifti(root / "labelsTr" / f"{case}.nii.gz", label, axial_affine(spacing))
+    meta = {
+        "channel_names": channels,
+        "labels": labels,
+        "numTraining": len(train),
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta, indent=4))
+    return root
+
+
+# -- Cityscapes ----------------------------------------------------------------------------
+
+
+def write_cityscapes(
+    root: Path, per_city: int = 2, size: tuple[int, int] = (64, 128), seed: int = 0
+) -> Path:
+    """leftImg8bit/gtFine for train (aachen, bochum) and val (frankfurt); label ids in 4x4
+    blocks so that nearest-neighbour down-scaling by 4 keeps each block's id."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    for split, cities in (("train", ("aachen", "bochum")), ("val", ("frankfurt",))):
+        for city in cities:
+            for frame in range(per_city):
+                stem = f"{city}_{frame:06d}_{19 + frame:06d}"
+                ids = rng.integers(0, 34, (height // 4, width // 4)).astype(np.uint8)
+                ids = np.kron(ids, np.ones((4, 4), dtype=np.uint8))
+                rgb = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+                image_dir = root / "leftImg8bit" / split / city
+                label_dir = root / "gtFine" / split / city
+                image_dir.mkdir(parents=True, exist_ok=True)
+                label_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rgb).save(image_dir / f"{stem}_leftImg8bit.png")
+                Image.fromarray(ids).save(label_dir / f"{stem}_gtFine_labelIds.png")
+                Image.fromarray(rgb).save(label_dir / f"{stem}_gtFine_color.png")
+    return root
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def run_prepare(
+    capsys: pytest.CaptureFixture[str], dataset: str, root: Path, *overrides: str
+) -> tuple[int, str, str]:
+    """``contraseg prepare`` in-process: exit status, stdout, stderr."""
+    code = cli.main(["prepare", "--dataset", dataset, "--root", str(root), *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def fx() -> types.SimpleNamespace:
+    """The writers above (test modules cannot import a conftest under importlib mode)."""
+    return types.SimpleNamespace(
+        write_nifti=write_nifti,
+        axial_affine=axial_affine,
+        blob_label=blob_label,
+        image_from_label=image_from_label,
+        write_prostate=write_prostate,
+        write_mmwhs=write_mmwhs,
+        oblique_coronal_affine=oblique_coronal_affine,
+        write_nnunet=write_nnunet,
+        write_cityscapes=write_cityscapes,
+        run_prepare=run_prepare,
+        MMWHS_RAW=MMWHS_RAW,
+    )

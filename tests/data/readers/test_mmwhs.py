@@ -1,0 +1,96 @@
+"""MM-WHS MR: label mapping 205..850 -> 1..7, reorientation to RAS+, bad input."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.affines import apply_affine
+
+from contraseg.config import DataConfig
+from contraseg.data.readers import get_reader
+from contraseg.data.readers.mmwhs import map_labels
+from contraseg.errors import InputError
+
+
+def _reader(root):
+    return get_reader(DataConfig(dataset="mmwhs", root=str(root)))
+
+
+def test_label_mapping_in_ascending_order(tmp_path, fx):
+    raw = np.array([0, 205, 420, 500, 550, 600, 820, 850], dtype=np.float32)
+    np.testing.assert_array_equal(map_labels(tmp_path / "l.nii.gz", raw), np.arange(8))
+    with pytest.raises(InputError, match=r"\[421, 1000\]") as err:
+        map_labels(tmp_path / "l.nii.gz", np.array([0, 205, 421, 1000], dtype=np.float32))
+    assert err.value.path.endswith("l.nii.gz")
+
+
+def test_lists_cases_with_file_stem_ids(tmp_path, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train")
+    (root / "readme.txt").write_text("other files are ignored")
+    reader = _reader(root)
+    assert [c.case_id for c in reader.list_cases(root)] == [
+        "mr_train_1001",
+        "mr_train_1002",
+        "mr_train_1003",
+    ]
+    assert (reader.default_size, reader.default_spacing, reader.num_classes) == (
+        (160, 160),
+        (1.5, 1.5),
+        8,
+    )
+    # the parent of the official mr_train folder works too
+    assert len(reader.list_cases(tmp_path)) == 3
+
+
+def test_oblique_coronal_volume_becomes_axial_ras(tmp_path, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
+    case = _reader(root).list_cases(root)[0]
+    volume = _reader(root).load(case)
+    raw_img = nib.load(str(case.label))
+    raw = np.asarray(raw_img.dataobj)
+
+    # coronal (L, I, A) voxel order -> (R, A, S): axes permuted, spacing with them
+    assert raw.shape == (30, 24, 20)
+    assert volume.image.shape == (30, 20, 24, 1) and volume.label.shape == (30, 20, 24)
+    assert volume.spacing == pytest.approx((1.2, 1.8, 1.0))
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    assert nib.aff2axcodes(raw_img.affine) == ("L", "I", "A")
+
+    # every voxel keeps its world position and its (mapped) label
+    mapped = map_labels(case.label, raw)
+    for value in range(1, 8):
+        old = np.argwhere(mapped == value)
+        new = np.argwhere(volume.label == value)
+        assert len(old) == len(new) > 0
+        old_world = np.sort(apply_affine(raw_img.affine, old), axis=0)
+        new_world = np.sort(apply_affine(volume.affine, new), axis=0)
+        np.testing.assert_allclose(old_world, new_world, atol=1e-4)
+    np.testing.assert_array_equal(volume.label, np.flip(mapped, 0).transpose(0, 2, 1)[:, :, ::-1])
+
+
+def test_unknown_label_value_is_named(tmp_path, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
+    path = root / "mr_train_1001_label.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 421
+    fx.write_nifti(path, data, img.affine)
+    reader = _reader(root)
+    with pytest.raises(InputError, match=r"label values \[421\]") as err:
+        reader.load(reader.list_cases(root)[0])
+    assert err.value.path == str(path)
+
+
+def test_missing_label_and_unexpected_file(tmp_path, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train")
+    (root / "mr_train_1002_label.nii.gz").unlink()
+    with pytest.raises(InputError, match="file not found") as err:
+        _reader(root).list_cases(root)
+    assert err.value.path.endswith("mr_train_1002_label.nii.gz")
+
+    (root / "mr_train_1002_image.nii.gz").unlink()
+    (root / "mr_train_1004_img.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="unexpected file") as err:
+        _reader(root).list_cases(root)
+    assert err.value.path.endswith("mr_train_1004_img.nii.gz")
