@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from contraseg.errors import InputError
+from contraseg.errors import InputError, TrainingError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"contraseg: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        if args.debug:
+            raise
+        print(f"contraseg: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("contraseg: interrupted", file=sys.stderr)
         return 130

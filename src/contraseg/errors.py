@@ -16,3 +16,10 @@ class InputError(Exception):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a loss that became NaN, say); the last good checkpoint is kept.
+
+    The command line prints it on one line and exits with status 1.
+    """

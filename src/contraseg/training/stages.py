@@ -1,0 +1,331 @@
+"""The paper's three stages as :class:`~contraseg.training.trainer.Trainer` subclasses.
+
+1. :class:`GlobalPretrainer`: encoder ``e`` + ``g1`` with the global contrastive loss.
+2. :class:`LocalPretrainer`: decoder blocks ``d_l`` + ``g2`` with the local contrastive loss on
+   top of the stage-1 encoder, which is frozen *entirely*: its weights get no gradient and its
+   batch-norm layers stay in eval mode, so they normalise with the running statistics learnt in
+   stage 1 and those statistics are not updated. Stage 2 thus sees one fixed function ``e`` and
+   hands exactly the stage-1 encoder tensors on to stage 3. (The official code freezes the
+   weights but lets the encoder's batch norm use batch statistics.)
+3. :class:`Finetuner`: the whole UNet on 1, 2 or 8 labelled volumes, from random weights, from
+   ``e`` or from ``e`` + ``d_l``, validated on the two validation volumes every
+   ``finetune.val_every`` iterations; the best-validation weights are the stage's product.
+
+Each stage writes ``weights.safetensors``: stage 1 the encoder (keys ``encoder.*``) and
+``g1.*``; stage 2 the encoder, ``decoder.0..l-1.*`` and ``g2.*``; stage 3 the whole UNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from contraseg.config import (
+    DataConfig,
+    FinetuneRun,
+    ModelConfig,
+    PretrainGlobalRun,
+    PretrainLocalRun,
+    load_config,
+)
+from contraseg.data.augment import finetune_augment, pretrain_view
+from contraseg.data.cache import PreparedDataset, prepare_dataset
+from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
+from contraseg.data.splits import Split, get_split
+from contraseg.errors import InputError
+from contraseg.evaluation.inference import validation_dice
+from contraseg.losses import (
+    global_chance_level,
+    global_contrastive_loss,
+    local_chance_level,
+    local_contrastive_loss,
+    segmentation_loss,
+)
+from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_grid
+from contraseg.models.unet import UNet, load_partial, partial_state_dict
+from contraseg.training.checkpoint import load_weights, save_weights
+from contraseg.training.trainer import Trainer
+
+
+def load_data(config: DataConfig) -> tuple[PreparedDataset, Split]:
+    """Prepare (or reuse) the cache and form the dataset's split."""
+    prepared = prepare_dataset(config)
+    split = get_split(config.dataset, list(prepared.cases), seed=config.split_seed)
+    return prepared, split
+
+
+def require_cases(prepared: PreparedDataset, split: Split, case_ids: list[str] | tuple[str, ...]):
+    split.check_available(list(prepared.cases), list(case_ids))
+    return [prepared.cases[case_id] for case_id in case_ids]
+
+
+def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
+    return UNet(
+        in_channels=config.in_channels or prepared.in_channels,
+        num_classes=config.num_classes or prepared.num_classes,
+        widths=tuple(config.widths),
+    )
+
+
+def load_run_weights(run_dir: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The ``weights.safetensors`` of an earlier stage's run directory."""
+    if not run_dir:
+        raise InputError(None, f"{what}: no run directory given")
+    return load_weights(Path(run_dir) / "weights.safetensors")
+
+
+def _select(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _two_views(
+    batch: SliceBatch, views: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids for a batch stacked as [view 1 | view 2]: (image_ids, volume_ids, partition_ids)."""
+    n = batch.images.shape[0]
+    device = views.device
+    image_ids = torch.arange(n, device=device).repeat(2)
+    return image_ids, batch.volume_ids.to(device).repeat(2), batch.partition_ids.to(device).repeat(2)
+
+
+class GlobalPretrainer(Trainer):
+    """Stage 1. A batch is ``m`` volumes x ``S`` partitions (one slice each), two views each.
+
+    G^R draws the same number of slices uniformly from all slices instead, so that every
+    strategy sees batches of one size.
+    """
+
+    stage = "pretrain-global"
+    config: PretrainGlobalRun
+
+    def setup(self) -> None:
+        cfg = self.config
+        prepared, split = load_data(cfg.data)
+        volumes = [case.image for case in require_cases(prepared, split, split.pretrain)]
+        loss_cfg = cfg.loss
+        batch = loss_cfg.volumes_per_batch * loss_cfg.partitions
+        if loss_cfg.strategy == "GR":
+            self.sampler: Any = RandomSliceSampler(
+                volumes, batch, self.rng, partitions=loss_cfg.partitions
+            )
+        else:
+            self.sampler = PartitionSampler(
+                volumes, loss_cfg.partitions, loss_cfg.volumes_per_batch, self.rng
+            )
+        self.unet = build_unet(cfg.model, prepared)
+        height, width = volumes[0].shape[-2:]
+        self.g1 = GlobalHead(
+            self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
+        )
+        self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
+        params = [*self.unet.encoder.parameters(), *self.g1.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr)
+
+    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        batch = self.sampler.sample()
+        images = batch.images.to(self.device, non_blocking=True)
+        views = torch.cat(
+            [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
+        )
+        z = self.g1(self.unet.encode(views)[0])
+        ids = _two_views(batch, views)
+        loss = global_contrastive_loss(
+            z, *ids, strategy=cfg.loss.strategy, temperature=cfg.loss.temperature
+        )
+        return loss, {"chance": global_chance_level(*ids, strategy=cfg.loss.strategy)}
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return {**partial_state_dict(self.unet), **_prefixed("g1", self.g1)}
+
+
+class LocalPretrainer(Trainer):
+    """Stage 2. L^R: random slices; L^D: ``m`` volumes x ``S`` partitions. Two intensity-only
+    views each (no crop, so that region (u, v) of one view corresponds to (u, v) of the other).
+    """
+
+    stage = "pretrain-local"
+    config: PretrainLocalRun
+
+    def setup(self) -> None:
+        cfg = self.config
+        loss_cfg = cfg.loss
+        prepared, split = load_data(cfg.data)
+        volumes = [case.image for case in require_cases(prepared, split, split.pretrain)]
+        if loss_cfg.strategy == "LR":
+            self.sampler: Any = RandomSliceSampler(
+                volumes, cfg.optim.batch_size, self.rng, partitions=loss_cfg.partitions
+            )
+        else:
+            self.sampler = PartitionSampler(
+                volumes, loss_cfg.partitions, loss_cfg.volumes_per_batch, self.rng
+            )
+        self.unet = build_unet(cfg.model, prepared)
+        encoder = _select(load_run_weights(cfg.encoder, "encoder"), ("encoder.",))
+        if not encoder:
+            raise InputError(Path(cfg.encoder) / "weights.safetensors", "holds no encoder weights")
+        try:
+            load_partial(self.unet, encoder)
+        except ValueError as err:
+            raise InputError(Path(cfg.encoder) / "weights.safetensors", str(err)) from None
+        self.unet.encoder.requires_grad_(False)
+
+        blocks = loss_cfg.decoder_blocks
+        height, width = volumes[0].shape[-2:]
+        scale = 2 ** (5 - blocks)
+        try:
+            grid = official_region_grid(height // scale, width // scale, loss_cfg.region_size)
+        except ValueError as err:
+            raise InputError(None, f"loss.decoder_blocks={blocks}: {err}") from None
+        self.neg_index = grid.neg_index if loss_cfg.negatives == "official" else None
+        self.embedder = LocalEmbedder(
+            self.unet.decoder_channels(blocks),
+            grid.corners,
+            size=loss_cfg.region_size,
+            project=cfg.model.g2_project,
+            out=cfg.model.g2_out,
+        )
+        self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
+        decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
+        self.optimizer = torch.optim.Adam(
+            [*decoder, *self.embedder.parameters()], lr=cfg.optim.lr
+        )
+
+    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        self.unet.encoder.eval()  # frozen, batch norm included (see the module docstring)
+        batch = self.sampler.sample()
+        images = batch.images.to(self.device, non_blocking=True)
+        views = torch.cat(
+            [
+                pretrain_view(images, cfg.augment, self.augment_generator, crop=False)
+                for _ in range(2)
+            ]
+        )
+        with torch.no_grad():
+            bottleneck, skips = self.unet.encode(views)
+        fmap = self.unet.decode(bottleneck, skips, blocks=cfg.loss.decoder_blocks)
+        regions = self.embedder(fmap)
+        ids = _two_views(batch, views)
+        kwargs = {
+            "strategy": cfg.loss.strategy,
+            "neg_index": None if self.neg_index is None else self.neg_index.to(self.device),
+            "temperature": cfg.loss.temperature,
+        }
+        loss = local_contrastive_loss(regions, *ids, **kwargs)
+        return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        state = partial_state_dict(self.unet, True, self.config.loss.decoder_blocks)
+        return {**state, **_prefixed("g2", self.embedder)}
+
+
+class Finetuner(Trainer):
+    """Stage 3. Batches of labelled slices drawn with replacement, geometric augmentation."""
+
+    stage = "finetune"
+    config: FinetuneRun
+
+    def setup(self) -> None:
+        cfg = self.config
+        ft = cfg.finetune
+        prepared, split = load_data(cfg.data)
+        labelled = split.labelled_set(ft.labelled_volumes, ft.combination)
+        train = require_cases(prepared, split, labelled.train)
+        self.val_cases = require_cases(prepared, split, labelled.val)
+        if any(case.label is None for case in train):
+            raise InputError(None, "a labelled training case has no label file")
+        self.num_classes = cfg.model.num_classes or prepared.num_classes
+        self.sampler = RandomSliceSampler(
+            [case.image for case in train],
+            cfg.optim.batch_size,
+            self.rng,
+            labels=[case.label for case in train],
+        )
+        self.unet = build_unet(cfg.model, prepared)
+        self.transferred = self._initialise()
+        self.model = self.unet.to(self.device)
+        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.optim.lr)
+        self.loss_fn = segmentation_loss(ft.loss, self.num_classes)
+        self.best_dice = -1.0
+        self.best_iteration = 0
+
+    def _initialise(self) -> list[str]:
+        """Load ``e`` (or ``e`` + ``d_l``) from the pre-trained run; return the loaded keys."""
+        ft = self.config.finetune
+        if ft.init == "random":
+            return []
+        weights = load_run_weights(ft.pretrained, f"finetune.init={ft.init}")
+        prefixes: tuple[str, ...] = ("encoder.",)
+        if ft.init == "encoder+decoder":
+            prefixes = ("encoder.", "decoder.")
+        state = _select(weights, prefixes)
+        source = Path(ft.pretrained) / "weights.safetensors"
+        if ft.init == "encoder+decoder" and not _select(state, ("decoder.",)):
+            raise InputError(source, "holds no decoder blocks: give a pretrain-local run")
+        if not state:
+            raise InputError(source, "holds no encoder weights")
+        try:
+            return load_partial(self.unet, state)
+        except ValueError as err:
+            raise InputError(source, str(err)) from None
+
+    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = self.sampler.sample()
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        images, labels = finetune_augment(images, labels, self.config.augment, self.augment_generator)
+        return self.loss_fn(self.unet(images), labels), {}
+
+    def should_validate(self, iteration: int) -> bool:
+        return iteration % self.config.finetune.val_every == 0
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.safetensors"
+
+    def validate(self, iteration: int) -> dict[str, float]:
+        dice = validation_dice(self.unet, self.val_cases, self.num_classes, self.device)
+        if dice > self.best_dice:
+            self.best_dice, self.best_iteration = dice, iteration
+            save_weights(self.best_path, self.unet.state_dict())
+        return {"val_dice": dice, "best_val_dice": self.best_dice}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"best_dice": self.best_dice, "best_iteration": self.best_iteration}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.best_dice = float(state["best_dice"])
+        self.best_iteration = int(state["best_iteration"])
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """Model selection as the paper: the best-validation weights."""
+        return load_weights(self.best_path) if self.best_path.exists() else self.unet.state_dict()
+
+
+def run_pretrain_global(config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+    return GlobalPretrainer(config, out, device).run(fresh)
+
+
+def run_pretrain_local(config: PretrainLocalRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+    return LocalPretrainer(config, out, device).run(fresh)
+
+
+def run_finetune(config: FinetuneRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+    return Finetuner(config, out, device).run(fresh)
+
+
+def load_run_config(run_dir: str | Path) -> FinetuneRun:
+    """The resolved config of a finetune run, as saved in its directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise InputError(path, "not found: is this a run directory?")
+    return load_config(FinetuneRun, path)
+

@@ -1,0 +1,178 @@
+"""The three stages on a tiny phantom: outputs, weight flow, resume, NaN guard, run-dir rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from contraseg.cli import main
+from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun
+from contraseg.errors import InputError, TrainingError
+from contraseg.training.checkpoint import load_checkpoint, load_weights
+from contraseg.training.stages import (
+    Finetuner,
+    GlobalPretrainer,
+    run_finetune,
+    run_pretrain_global,
+    run_pretrain_local,
+)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_outputs(run_dir, iterations):
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "weights.safetensors").is_file()
+    assert list((run_dir / "tensorboard").glob("events.*"))
+    assert _metrics(run_dir)[-1]["iteration"] == iterations
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] == iterations
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, tiny_config):
+    """Stage 1 (G^D) then stage 2 (L^D) for a few iterations, shared by the tests below."""
+    out = tmp_path_factory.mktemp("stages")
+    global_dir = run_pretrain_global(
+        tiny_config(PretrainGlobalRun, "optim.iterations=3", "loss.volumes_per_batch=2"),
+        out / "global",
+    )
+    local_config = tiny_config(
+        PretrainLocalRun,
+        "optim.iterations=3",
+        "loss.strategy=LD",
+        "loss.volumes_per_batch=2",
+        f"encoder={global_dir}",
+    )
+    return global_dir, run_pretrain_local(local_config, out / "local")
+
+
+def test_pretraining_stages_write_their_outputs(stage_runs):
+    global_dir, local_dir = stage_runs
+    for run_dir in stage_runs:
+        _assert_outputs(run_dir, 3)
+        rows = _metrics(run_dir)
+        assert all(row["chance"] > 0 for row in rows)
+    assert {k.split(".")[0] for k in load_weights(global_dir / "weights.safetensors")} == {
+        "encoder",
+        "g1",
+    }
+    local_keys = load_weights(local_dir / "weights.safetensors")
+    assert {k.split(".")[0] for k in local_keys} == {"encoder", "decoder", "g2"}
+    assert {k.split(".")[1] for k in local_keys if k.startswith("decoder.")} == {"0", "1", "2"}
+
+
+def test_encoder_is_unchanged_by_stage_two(stage_runs):
+    global_dir, local_dir = stage_runs
+    first = load_weights(global_dir / "weights.safetensors")
+    second = load_weights(local_dir / "weights.safetensors")
+    encoder_keys = [k for k in first if k.startswith("encoder.")]
+    assert encoder_keys
+    for key in encoder_keys:  # BN running statistics included
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize(("init", "which"), [("encoder", 0), ("encoder+decoder", 1)])
+def test_finetuning_starts_from_the_pretrained_tensors(stage_runs, tiny_config, tmp_path, init, which):
+    source = stage_runs[which]
+    config = tiny_config(FinetuneRun, f"finetune.init={init}", f"finetune.pretrained={source}")
+    trainer = Finetuner(config, tmp_path / "ft")
+    trainer.setup()
+    pretrained = load_weights(source / "weights.safetensors")
+    own = trainer.unet.state_dict()
+    transferred = [k for k in pretrained if k.startswith(("encoder.", "decoder."))]
+    assert sorted(transferred) == trainer.transferred
+    for key in transferred:
+        assert torch.equal(own[key], pretrained[key]), key
+    if init == "encoder":
+        assert not any(k.startswith("decoder.") for k in trainer.transferred)
+
+
+def test_finetune_validates_and_keeps_the_best_weights(tiny_config, tmp_path):
+    config = tiny_config(
+        FinetuneRun, "optim.iterations=4", "optim.batch_size=4", "finetune.val_every=2"
+    )
+    run_dir = run_finetune(config, tmp_path / "ft")
+    _assert_outputs(run_dir, 4)
+    validated = [row for row in _metrics(run_dir) if "val_dice" in row]
+    assert [row["iteration"] for row in validated] == [2, 4]
+    best = max(validated, key=lambda row: row["val_dice"])
+    assert validated[-1]["best_val_dice"] == pytest.approx(best["val_dice"])
+    final = load_weights(run_dir / "weights.safetensors")
+    kept = load_weights(run_dir / "checkpoints" / "best.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+
+
+def _interrupt_at(monkeypatch, cls, iteration):
+    original = cls.compute_loss
+
+    def compute_loss(self, it):
+        if it == iteration:
+            raise KeyboardInterrupt
+        return original(self, it)
+
+    monkeypatch.setattr(cls, "compute_loss", compute_loss)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path, monkeypatch):
+    overrides = ("optim.iterations=6", "optim.checkpoint_every=2", "loss.volumes_per_batch=2")
+    config = tiny_config(PretrainGlobalRun, *overrides)
+    straight = run_pretrain_global(config, tmp_path / "straight")
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, GlobalPretrainer, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run_pretrain_global(config, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["iteration"] == 2
+    resumed = run_pretrain_global(config, tmp_path / "resumed")
+
+    a = load_weights(straight / "weights.safetensors")
+    b = load_weights(resumed / "weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["iteration"] for r in _metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    original = GlobalPretrainer.compute_loss
+
+    def compute_loss(self, it):
+        loss, stats = original(self, it)
+        return (loss * float("nan") if it == 3 else loss), stats
+
+    monkeypatch.setattr(GlobalPretrainer, "compute_loss", compute_loss)
+    config = tiny_config(
+        PretrainGlobalRun, "optim.iterations=5", "optim.checkpoint_every=2", "loss.volumes_per_batch=2"
+    )
+    with pytest.raises(TrainingError, match="nan at iteration 3"):
+        run_pretrain_global(config, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 2
+
+
+def test_a_run_directory_refuses_a_different_config_unless_fresh(tiny_config, tmp_path):
+    base = ("optim.iterations=1", "loss.volumes_per_batch=2")
+    run_pretrain_global(tiny_config(PretrainGlobalRun, *base), tmp_path / "run")
+    other = tiny_config(PretrainGlobalRun, *base, "loss.temperature=0.5")
+    with pytest.raises(InputError, match=r"loss.temperature=0.1"):
+        run_pretrain_global(other, tmp_path / "run")
+    run_pretrain_global(other, tmp_path / "run", fresh=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 1
+
+
+def test_cli_reports_a_misspelt_key_with_exit_status_2(tmp_path, capsys):
+    code = main(["pretrain-global", "--out", str(tmp_path / "r"), "optim.itrations=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "did you mean 'optim.iterations'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_local_stage_without_encoder_run_is_a_clear_error(tiny_config, tmp_path):
+    config = tiny_config(PretrainLocalRun, f"encoder={tmp_path / 'missing'}")
+    with pytest.raises(InputError, match="weights file not found"):
+        run_pretrain_local(config, tmp_path / "local")
