@@ -253,6 +253,7 @@ def prepare_dataset(config: DataConfig, progress: bool = True) -> PreparedDatase
         "root": str(root.resolve()),
         "cases": {case.case_id: entries[case.case_id] for case in cases},
     }
+    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, to compare with the old one
     if manifest != old:
         fileio.write_json(manifest_path, manifest)
         _remove_unreferenced(cache_dir, manifest)

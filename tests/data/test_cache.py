@@ -1,0 +1,167 @@
+"""The .npy cache: contents, reuse, invalidation, and no partial cache after a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contraseg.config import DataConfig
+from contraseg.data import cache as cache_module
+from contraseg.data.cache import prepare_dataset
+from contraseg.data.readers import get_reader
+from contraseg.errors import InputError
+
+
+def _config(root: Path, **kwargs) -> DataConfig:
+    return DataConfig(
+        dataset="phantom", root=str(root), size=[32, 32], target_spacing=[2, 2], **kwargs
+    )
+
+
+def _snapshot(cache_dir: Path) -> dict[str, int]:
+    """Every file of the cache with its modification time."""
+    files = (p for p in cache_dir.rglob("*") if p.is_file())
+    return {str(p.relative_to(cache_dir)): p.stat().st_mtime_ns for p in files}
+
+
+def test_contents_of_a_prepared_dataset(phantom_root: Path) -> None:
+    prepared = prepare_dataset(_config(phantom_root), progress=False)
+    assert prepared.cache_dir == phantom_root / ".contraseg-cache"
+    assert prepared.reader_name == "phantom" and prepared.num_classes == 4
+    assert prepared.class_names == ("background", "RV", "Myo", "LV") and prepared.in_channels == 1
+    assert sorted(prepared.cases) == [f"patient{i:03d}" for i in range(1, 9)]
+    reader = get_reader(_config(phantom_root))
+    volume = reader.load(reader.list_cases(phantom_root)[0])
+    case = prepared.cases["patient001"]
+    assert isinstance(case.image, np.memmap) and case.image.dtype == np.float32
+    assert case.image.shape == (volume.num_slices, 1, 32, 32) == (case.num_slices, 1, 32, 32)
+    assert case.label is not None and case.label.dtype == np.uint8
+    assert case.label.shape == (case.num_slices, 32, 32)
+    np.testing.assert_array_equal(case.native_label, volume.label)
+    assert case.grid.native_shape == volume.label.shape
+    manifest = json.loads((prepared.cache_dir / "manifest.json").read_text())
+    assert manifest["params"]["size"] == [32, 32]
+    entry = manifest["cases"]["patient001"]
+    assert {i["path"] for i in entry["inputs"]} == {
+        "patient001/patient001_frame01.nii.gz",
+        "patient001/patient001_frame01_gt.nii.gz",
+        "patient001/Info.cfg",
+    }
+    assert all(i["size"] > 0 and i["mtime_ns"] > 0 for i in entry["inputs"])
+    summary = prepared.summary()
+    assert "8 labelled" in summary and "RV" in summary and "32 x 32" in summary
+
+
+def test_second_run_does_nothing(phantom_root: Path) -> None:
+    prepare_dataset(_config(phantom_root), progress=False)
+    cache_dir = phantom_root / ".contraseg-cache"
+    before = _snapshot(cache_dir)
+    again = prepare_dataset(_config(phantom_root), progress=False)
+    assert _snapshot(cache_dir) == before
+    assert len(again.cases) == 8
+
+
+def test_changed_input_reprepares_only_that_case(phantom_root: Path) -> None:
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    label = phantom_root / "patient003" / "patient003_frame01_gt.nii.gz"
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = prepare_dataset(_config(phantom_root), progress=False)
+    changed = [c for c in first.cases if first.cases[c].image_path != second.cases[c].image_path]
+    assert changed == ["patient003"]
+    assert not first.cases["patient003"].image_path.exists()  # stale files removed
+
+
+def test_changed_params_reprepare_everything(phantom_root: Path) -> None:
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    cfg = _config(phantom_root)
+    cfg.size = [24, 28]
+    second = prepare_dataset(cfg, progress=False)
+    assert all(first.cases[c].image_path != second.cases[c].image_path for c in first.cases)
+    assert second.cases["patient001"].image.shape[2:] == (24, 28)
+    assert not any(c.image_path.exists() for c in first.cases.values())
+
+
+def test_removed_case_and_custom_cache_dir(phantom_root: Path, tmp_path: Path) -> None:
+    cfg = _config(phantom_root, cache=str(tmp_path / "elsewhere"))
+    prepare_dataset(cfg, progress=False)
+    assert (tmp_path / "elsewhere" / "manifest.json").is_file()
+    assert not (phantom_root / ".contraseg-cache").exists()
+    for path in (phantom_root / "patient008").iterdir():
+        path.unlink()
+    (phantom_root / "patient008").rmdir()
+    prepared = prepare_dataset(cfg, progress=False)
+    assert "patient008" not in prepared.cases
+    assert not (tmp_path / "elsewhere" / "patient008").exists()
+
+
+def test_deleted_cache_file_is_reprepared(phantom_root: Path) -> None:
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    first.cases["patient002"].label_path.unlink()
+    second = prepare_dataset(_config(phantom_root), progress=False)
+    assert second.cases["patient002"].label_path.is_file()
+
+
+def test_bad_case_leaves_no_cache(phantom_root: Path) -> None:
+    label = phantom_root / "patient005" / "patient005_frame01_gt.nii.gz"
+    label.write_bytes(label.read_bytes()[:100])
+    with pytest.raises(InputError) as info:
+        prepare_dataset(_config(phantom_root), progress=False)
+    assert info.value.path == str(label)
+    assert not (phantom_root / ".contraseg-cache").exists()
+
+
+def test_failure_keeps_the_previous_cache_intact(phantom_root: Path) -> None:
+    prepare_dataset(_config(phantom_root), progress=False)
+    cache_dir = phantom_root / ".contraseg-cache"
+    before = _snapshot(cache_dir)
+    image = phantom_root / "patient004" / "patient004_frame01.nii.gz"
+    image.write_bytes(b"\x1f\x8b garbage")
+    cfg = _config(phantom_root)
+    cfg.size = [24, 24]  # every case must be re-prepared: patient004 fails midway
+    with pytest.raises(InputError):
+        prepare_dataset(cfg, progress=False)
+    assert _snapshot(cache_dir) == before
+
+
+def test_interrupted_prepare_is_not_trusted(
+    phantom_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cache_module.preprocess_volume
+    calls = []
+
+    def interrupt_third(volume, params):
+        calls.append(volume.case_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(volume, params)
+
+    monkeypatch.setattr(cache_module, "preprocess_volume", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(_config(phantom_root), progress=False)
+    assert not (phantom_root / ".contraseg-cache").exists()
+    monkeypatch.setattr(cache_module, "preprocess_volume", real)
+    assert len(prepare_dataset(_config(phantom_root), progress=False).cases) == 8
+
+
+def test_orphan_files_are_never_trusted(phantom_root: Path) -> None:
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    orphan = first.cache_dir / "patient001" / "image-0000000000000000.npy"
+    np.save(orphan, np.zeros((1, 1, 2, 2), np.float32))
+    (first.cache_dir / "patient001" / "image-0000.npy.tmp").write_bytes(b"")
+    cfg = _config(phantom_root)
+    cfg.percentiles = [2.0, 98.0]
+    second = prepare_dataset(cfg, progress=False)
+    assert second.cases["patient001"].image_path != orphan
+    assert sorted(p.name for p in (first.cache_dir / "patient001").iterdir()) == sorted(
+        p.name
+        for p in (
+            second.cases["patient001"].image_path,
+            second.cases["patient001"].label_path,
+            second.cases["patient001"].native_label_path,
+        )
+    )
