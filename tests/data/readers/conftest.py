@@ -13,6 +13,9 @@ import pytest
 from PIL import Image
 
 from contraseg import cli
+from contraseg.config import DataConfig, load_config
+from contraseg.data.cache import PreparedDataset, prepare_dataset
+from contraseg.data.sampling import PartitionSampler, RandomSliceSampler
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
@@ -172,6 +175,48 @@ def run_prepare(
     return code, out, err
 
 
+def prepare_and_sample(
+    capsys: pytest.CaptureFixture[str], dataset: str, root: Path, *overrides: str
+) -> PreparedDataset:
+    """Prepare through the command line, reload the cache and draw batches from it."""
+    code, out, err = run_prepare(capsys, dataset, root, *overrides)
+    assert code == 0, err
+    assert "cases:" in out and "labels (preprocessed voxels):" in out
+    config = load_config(DataConfig, None, [f"dataset={dataset}", f"root={root}", *overrides])
+    prepared = prepare_dataset(config, progress=False)
+    labelled = [c for c in prepared.cases.values() if c.label is not None]
+    size = prepared.params.size
+    for case in prepared.cases.values():
+        assert case.image.shape == (case.num_slices, prepared.in_channels, *size)
+        assert np.isfinite(case.image).all()
+    for case in labelled:
+        assert case.label.shape == (case.num_slices, *size)
+        assert int(case.label.max()) < prepared.num_classes
+    rng = np.random.default_rng(0)
+    volumes = [c.image for c in labelled]
+    batch = RandomSliceSampler(volumes, 4, rng, labels=[c.label for c in labelled]).sample()
+    assert batch.images.shape == (4, prepared.in_channels, *size)
+    assert batch.labels is not None and batch.labels.shape == (4, *size)
+    if min(c.num_slices for c in prepared.cases.values()) >= 2:
+        all_volumes = [c.image for c in prepared.cases.values()]
+        batch = PartitionSampler(all_volumes, 2, 2, rng).sample()
+        assert batch.images.shape == (4, prepared.in_channels, *size)
+    return prepared
+
+
+def expect_error(
+    capsys: pytest.CaptureFixture[str], dataset: str, root: Path, names: str, *overrides: str
+) -> str:
+    """``prepare`` fails with status 2 and one error line naming ``names``; nothing is cached."""
+    code, out, err = run_prepare(capsys, dataset, root, *overrides)
+    assert code == 2, out
+    errors = [line for line in err.splitlines() if line.startswith("contraseg:")]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1], err
+    assert names in errors[0], errors[0]
+    assert not (root / ".contraseg-cache").exists()
+    return errors[0]
+
+
 @pytest.fixture
 def fx() -> types.SimpleNamespace:
     """The writers above (test modules cannot import a conftest under importlib mode)."""
@@ -186,5 +231,7 @@ def fx() -> types.SimpleNamespace:
         write_nnunet=write_nnunet,
         write_cityscapes=write_cityscapes,
         run_prepare=run_prepare,
+        prepare_and_sample=prepare_and_sample,
+        expect_error=expect_error,
         MMWHS_RAW=MMWHS_RAW,
     )

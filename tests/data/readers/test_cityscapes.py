@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -100,3 +102,83 @@ def test_colour_label_or_grey_image_is_refused(tmp_path, fx):
     with pytest.raises(InputError, match="RGB") as err:
         reader.load(case)
     assert err.value.path == str(case.image)
+
+
+def test_prepare_and_sample(tmp_path, capsys, fx):
+    root = fx.write_cityscapes(tmp_path / "cityscapes")
+    prepared = fx.prepare_and_sample(capsys, "cityscapes", root, "size=[16,32]")
+    case = prepared.cases["aachen_000000_000019"]
+    assert case.image.shape == (1, 3, 16, 32) and case.label.shape == (1, 16, 32)
+    # per-channel p1/p99 normalisation: each colour channel spans about [0, 1]
+    for c in range(3):
+        assert case.image[0, c].min() < 0.05 and case.image[0, c].max() > 0.95
+
+
+def test_split_has_the_supplements_shape(tmp_path):
+    root = tmp_path / "cityscapes"
+    ids = []
+    for i in range(60):  # 60 tiny images: X_ts 12, X_pre 48, labelled sizes scaled by 60 / 3475
+        stem = f"zurich_{i:06d}_000019"
+        for sub, name, array in (
+            ("leftImg8bit", f"{stem}_leftImg8bit.png", np.zeros((4, 4, 3), np.uint8)),
+            ("gtFine", f"{stem}_gtFine_labelIds.png", np.zeros((4, 4), np.uint8)),
+        ):
+            (root / sub / "train" / "zurich").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / sub / "train" / "zurich" / name)
+        ids.append(stem)
+    split = _reader(root).split(seed=1)
+    assert split == _reader(root).split(seed=1) != _reader(root).split(seed=2)
+    assert len(split.test) == 12 and len(split.pretrain) == 48
+    assert sorted(split.test + split.pretrain) == sorted(ids)
+    sizes = {k: (len(s.train), len(s.val)) for k, s in split.labelled.items()}
+    assert sizes == {
+        **{f"tr1/c{j}": (2, 2) for j in (1, 2, 3)},
+        **{f"tr2/c{j}": (3, 3) for j in (1, 2, 3)},
+        **{f"tr8/c{j}": (7, 3) for j in (1, 2, 3)},
+    }
+    for labelled in split.labelled.values():
+        assert set(labelled.train) | set(labelled.val) <= set(split.pretrain)
+        assert not set(labelled.train) & set(labelled.val)
+    assert len(split.benchmark.train) == 45 and split.benchmark.val == split.labelled["tr8/c1"].val
+
+
+def _missing_label(root):
+    (root / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000019_gtFine_labelIds.png").unlink()
+    return "frankfurt_000000_000019_gtFine_labelIds.png: file not found"
+
+
+def _no_gtfine(root):
+    shutil.rmtree(root / "gtFine")
+    return "gtFine: folder not found"
+
+
+def _bad_label_id(root):
+    path = root / "gtFine" / "train" / "bochum" / "bochum_000000_000019_gtFine_labelIds.png"
+    Image.fromarray(np.full((64, 128), 40, np.uint8)).save(path)
+    return "bochum_000000_000019_gtFine_labelIds.png: label ids [40]"
+
+
+def _colour_label(root):
+    path = root / "gtFine" / "train" / "bochum" / "bochum_000000_000019_gtFine_labelIds.png"
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(path)
+    return "bochum_000000_000019_gtFine_labelIds.png: expected one band"
+
+
+def _corrupt_image(root):
+    path = root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    path.write_bytes(path.read_bytes()[:100])
+    return "aachen_000000_000019_leftImg8bit.png: cannot read PNG"
+
+
+def _stray_file(root):
+    (root / "leftImg8bit" / "train" / "aachen" / "aachen_000009_000019.png").write_bytes(b"")
+    return "aachen_000009_000019.png: unexpected file"
+
+
+DAMAGES = [_missing_label, _no_gtfine, _bad_label_id, _colour_label, _corrupt_image, _stray_file]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
+    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
+    fx.expect_error(capsys, "cityscapes", root, damage(root), "size=[16,32]")

@@ -10,6 +10,7 @@ from nibabel.affines import apply_affine
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
 from contraseg.data.readers.mmwhs import map_labels
+from contraseg.data.splits import get_split
 from contraseg.errors import InputError
 
 
@@ -94,3 +95,65 @@ def test_missing_label_and_unexpected_file(tmp_path, fx):
     with pytest.raises(InputError, match="unexpected file") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("mr_train_1004_img.nii.gz")
+
+
+def test_prepare_and_sample(tmp_path, capsys, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train")
+    prepared = fx.prepare_and_sample(capsys, "mmwhs", root, "size=[32,32]")
+    # reoriented (30, 20, 24) at (1.2, 1.8, 1.0) mm -> 24 slices of 24 x 24 at 1.5 mm, padded
+    case = prepared.cases["mr_train_1001"]
+    assert case.image.shape == (24, 1, 32, 32)
+    assert case.grid.native_shape == (30, 20, 24)
+    assert set(np.unique(case.label)) == set(range(8))
+
+
+def test_case_ids_match_the_packaged_split(tmp_path, fx):
+    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=range(1001, 1021), shape=(4, 4, 3))
+    ids = [c.case_id for c in _reader(root).list_cases(root)]
+    split = get_split("mmwhs", ids)
+    named = [*split.pretrain, *split.test]
+    named += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
+    split.check_available(ids, named)
+
+
+def _unknown_label(root, fx):
+    path = root / "mr_train_1002_label.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[2, 2, 2] = 421
+    fx.write_nifti(path, data, img.affine)
+    return "mr_train_1002_label.nii.gz: label values [421]"
+
+
+def _missing_label(root, fx):
+    (root / "mr_train_1003_label.nii.gz").unlink()
+    return "mr_train_1003_label.nii.gz: file not found"
+
+
+def _unexpected_file(root, fx):
+    (root / "mr_train_1004_image (1).nii.gz").write_bytes(b"")
+    return "mr_train_1004_image (1).nii.gz: unexpected file"
+
+
+def _label_of_another_grid(root, fx):
+    path = root / "mr_train_1002_label.nii.gz"
+    img = nib.load(str(path))
+    fx.write_nifti(path, np.asarray(img.dataobj), fx.axial_affine((1.2, 1.0, 1.8)))
+    return "mr_train_1002_label.nii.gz: affine differs"
+
+
+def _nan_image(root, fx):
+    path = root / "mr_train_1003_image.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = np.nan
+    fx.write_nifti(path, data, img.affine)
+    return "mr_train_1003_image.nii.gz: 1 voxels are NaN"
+
+
+@pytest.mark.parametrize(
+    "damage", [_unknown_label, _missing_label, _unexpected_file, _label_of_another_grid, _nan_image]
+)
+def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
+    root = fx.write_mmwhs(tmp_path / "mr_train")
+    fx.expect_error(capsys, "mmwhs", root, damage(root, fx), "size=[32,32]")

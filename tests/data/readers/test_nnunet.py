@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from contraseg.config import DataConfig
+from contraseg.data.cache import prepare_dataset
+from contraseg.data.phantom import write_phantom_dataset
 from contraseg.data.readers import get_reader
+from contraseg.data.readers.acdc import read_info
 from contraseg.errors import InputError
 
 
@@ -142,3 +146,130 @@ def test_affine_rounding_is_tolerated(tmp_path, fx):
     fx.write_nifti(path, np.asarray(img.dataobj), nudged)
     reader = _reader(root)
     assert reader.load(reader.list_cases(root)[0]).label is not None
+
+
+def test_prepare_and_sample_with_derived_defaults(tmp_path, capsys, fx):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+    prepared = fx.prepare_and_sample(capsys, "nnunet", root)
+    assert prepared.params.target_spacing == pytest.approx((0.8, 0.7))
+    assert prepared.params.size == (64, 64)
+    assert prepared.cases["case_100"].label is None
+    assert prepared.cases["case_000"].image.shape == (6, 2, 64, 64)
+
+
+def _labelled_ids(n):
+    return tuple(f"case_{i:03d}" for i in range(n))
+
+
+def test_generated_split_keeps_unlabelled_cases_in_pretraining(tmp_path, fx):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=_labelled_ids(8), shape=(8, 8, 2))
+    split = _reader(root).split(seed=3)
+    assert split == _reader(root).split(seed=3)
+    assert {"case_100", "case_101"} <= set(split.pretrain)
+    used = [*split.test, *split.pretrain_val]
+    used += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
+    assert not {"case_100", "case_101"} & set(used)
+    assert split.labelled_set(1, "c1").train[0] in split.pretrain
+    assert set(split.test).isdisjoint(split.pretrain)
+
+
+def test_splits_final_fold0_val_is_the_test_set(tmp_path, fx):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=_labelled_ids(10), shape=(8, 8, 2))
+    ids = _labelled_ids(10)
+    folds = [{"train": list(ids[2:]), "val": list(ids[:2])}, {"train": list(ids[:8]), "val": []}]
+    (root / "splits_final.json").write_text(json.dumps(folds))
+    split = _reader(root).split(seed=0)
+    assert split.test == ("case_000", "case_001")
+    assert set(split.pretrain) == set(ids[2:]) - set(split.pretrain_val) | {"case_100", "case_101"}
+    assert set(split.benchmark.train) | set(split.benchmark.val) <= set(ids[2:])
+
+    (root / "splits_final.json").write_text(json.dumps([{"train": [], "val": ["case_777"]}]))
+    with pytest.raises(InputError, match="case_777") as err:
+        _reader(root).split(seed=0)
+    assert err.value.path.endswith("splits_final.json")
+
+
+def _phantom_as_nnunet(phantom, out):
+    """ACDC-layout phantom -> Dataset001_Phantom: the ED frame of each patient, as a user would
+    convert it by hand."""
+    patients = sorted(p for p in phantom.iterdir() if p.name.startswith("patient"))
+    for folder in patients:
+        ed = read_info(folder / "Info.cfg")["ED"]
+        stem = f"{folder.name}_frame{ed:02d}"
+        (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / f"{stem}.nii.gz", out / "imagesTr" / f"{folder.name}_0000.nii.gz")
+        shutil.copy(folder / f"{stem}_gt.nii.gz", out / "labelsTr" / f"{folder.name}.nii.gz")
+    meta = {
+        "channel_names": {"0": "cineMRI"},
+        "labels": {"background": 0, "RV": 1, "Myo": 2, "LV": 3},
+        "numTraining": len(patients),
+        "file_ending": ".nii.gz",
+    }
+    (out / "dataset.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_phantom_in_nnunet_format_gives_the_acdc_readers_arrays(tmp_path):
+    phantom = tmp_path / "phantom"
+    write_phantom_dataset(phantom, volumes=3, size=40, seed=0)
+    root = _phantom_as_nnunet(phantom, tmp_path / "Dataset001_Phantom")
+    acdc = prepare_dataset(DataConfig(dataset="phantom", root=str(phantom)), progress=False)
+    same = {"target_spacing": list(acdc.params.target_spacing), "size": list(acdc.params.size)}
+    nnunet = prepare_dataset(DataConfig(dataset="nnunet", root=str(root), **same), progress=False)
+    assert nnunet.class_names == acdc.class_names and nnunet.params == acdc.params
+    assert sorted(nnunet.cases) == sorted(acdc.cases) == ["patient001", "patient002", "patient003"]
+    for case_id, theirs in acdc.cases.items():
+        ours = nnunet.cases[case_id]
+        np.testing.assert_array_equal(ours.image, theirs.image)
+        np.testing.assert_array_equal(ours.label, theirs.label)
+        np.testing.assert_array_equal(ours.native_label, theirs.native_label)
+        assert ours.grid == theirs.grid
+
+
+def _invalid_json(root, fx):
+    (root / "dataset.json").write_text('{"channel_names": {"0": "T2"}, "labels": ')
+    return "dataset.json: not valid JSON"
+
+
+def _no_labels_key(root, fx):
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["labels"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return "dataset.json: missing required key 'labels'"
+
+
+def _undeclared_value(root, fx):
+    path = root / "labelsTr" / "case_002.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[3, 3, 2] = 3
+    fx.write_nifti(path, data, img.affine)
+    return "labelsTr/case_002.nii.gz: label values [3] are not declared in dataset.json"
+
+
+def _rotated_label(root, fx):
+    path = root / "labelsTr" / "case_001.nii.gz"
+    img = nib.load(str(path))
+    fx.write_nifti(path, np.asarray(img.dataobj), np.diag([0.8, 0.7, 3.0, 1.0]))  # RAS, not LPS
+    return "labelsTr/case_001.nii.gz: affine differs"
+
+
+def _missing_channel(root, fx):
+    (root / "imagesTs" / "case_101_0001.nii.gz").unlink()
+    return "imagesTs/case_101_0001.nii.gz: file not found"
+
+
+def _stray_label(root, fx):
+    shutil.copy(root / "labelsTr" / "case_000.nii.gz", root / "labelsTr" / "case_000 copy.nii.gz")
+    return "labelsTr/case_000 copy.nii.gz: unexpected file"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_invalid_json, _no_labels_key, _undeclared_value, _rotated_label, _missing_channel,
+     _stray_label],
+)  # fmt: skip
+def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(16, 16, 3))
+    fx.expect_error(capsys, "nnunet", root, damage(root, fx))

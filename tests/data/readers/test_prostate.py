@@ -10,6 +10,7 @@ import pytest
 
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
+from contraseg.data.splits import get_split
 from contraseg.errors import InputError
 
 
@@ -102,3 +103,81 @@ def test_label_affine_mismatch(tmp_path, fx):
     with pytest.raises(InputError, match="affine differs") as err:
         reader.load(reader.list_cases(root)[0])
     assert err.value.path.endswith("labelsTr/prostate_00.nii.gz")
+
+
+def test_prepare_and_sample(tmp_path, capsys, fx):
+    root = fx.write_prostate(tmp_path / "Task05_Prostate")
+    prepared = fx.prepare_and_sample(capsys, "prostate", root, "size=[32,32]")
+    assert prepared.params.target_spacing == (0.625, 0.625)
+    assert prepared.cases["prostate_00"].image.shape == (5, 1, 32, 32)
+    assert prepared.class_names == ("background", "PZ", "TZ")
+
+
+def test_case_ids_match_the_packaged_split(tmp_path, fx):
+    # the 32 MSD Task05 training cases
+    numbers = [0, 1, 2, 4, 6, 7, 10, 13, 14, 16, 17, 18, 20, 21, 24, 25, 28, 29, 31, 32, 34, 35]
+    numbers += [37, 38, 39, 40, 41, 42, 43, 44, 46, 47]
+    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=numbers, shape=(4, 4, 2))
+    ids = [c.case_id for c in _reader(root).list_cases(root)]
+    split = get_split("prostate", ids)
+    named = [*split.pretrain, *split.test]
+    named += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
+    split.check_available(ids, named)
+
+
+def _break_json(root, fx):
+    (root / "dataset.json").write_text('{"labels": {"0": "background",')
+    return "dataset.json: not valid JSON"
+
+
+def _drop_training_key(root, fx):
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["training"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return "dataset.json: missing required key 'training'"
+
+
+def _undeclared_label(root, fx):
+    path = root / "labelsTr" / "prostate_01.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[1, 1, 1] = 4
+    fx.write_nifti(path, data, img.affine)
+    return "labelsTr/prostate_01.nii.gz: label values [4] are not declared in dataset.json"
+
+
+def _shifted_label(root, fx):
+    path = root / "labelsTr" / "prostate_01.nii.gz"
+    img = nib.load(str(path))
+    affine = img.affine.copy()
+    affine[2, 3] += 3.6  # one slice off
+    fx.write_nifti(path, np.asarray(img.dataobj), affine)
+    return "labelsTr/prostate_01.nii.gz: affine differs"
+
+
+def _missing_image(root, fx):
+    (root / "imagesTr" / "prostate_02.nii.gz").unlink()
+    return "imagesTr/prostate_02.nii.gz: file not found"
+
+
+def _truncated_image(root, fx):
+    path = root / "imagesTr" / "prostate_02.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return "imagesTr/prostate_02.nii.gz: cannot read NIfTI"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_break_json, _drop_training_key, _undeclared_label, _shifted_label, _missing_image,
+     _truncated_image],
+)  # fmt: skip
+def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
+    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1, 2))
+    fx.expect_error(capsys, "prostate", root, damage(root, fx), "size=[32,32]")
+
+
+def test_4d_image_without_a_channel_via_cli(tmp_path, capsys, fx):
+    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1))
+    line = fx.expect_error(capsys, "prostate", root, "prostate_00.nii.gz", "channel=null")
+    assert "choose a channel" in line

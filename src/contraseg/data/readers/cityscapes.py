@@ -20,8 +20,13 @@ What is done (supplement section 4):
 - Each image is a :class:`Volume` of shape (H, W, 1, 3): one slice, three colour channels,
   spacing (1, 1, 1) and an identity affine. The defaults (256 x 512 at spacing 1) make the
   preprocessing's resampling and cropping a no-op on real Cityscapes.
-- Split sizes: the supplement's X_pre = 2770 and X_ts = 705 of the 3475 train + val images;
-  with fewer images both are scaled by the same fraction (X_ts = round(N * 705 / 3475)).
+- Split (:meth:`CityscapesReader.split`): the pool is shuffled with the seed; X_ts is its first
+  round(N * 705 / 3475) images (705 of the 3475 train + val images, the supplement's
+  X_ts / X_pre = 705 / 2770) and X_pre the rest. The supplement's labelled sets
+  (X_tr, X_val) = (100, 100), (200, 200), (400, 200), drawn from X_pre, are selected by
+  ``finetune.labelled_volumes`` 1, 2 and 8 (combinations c1..c3, each its own seeded draw);
+  with fewer than 3475 images every size is scaled by N / 3475 (at least 1). The benchmark
+  trains on X_pre except the validation images of tr8/c1.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from contraseg.config import DataConfig
+from contraseg.data.splits import LabelledSet, Split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
 
 SPLITS = ("train", "val")
 DOWNSCALE = 4
 X_PRE, X_TS = 2770, 705
+# finetune.labelled_volumes -> the supplement's (X_tr, X_val) sizes
+LABELLED_SIZES = {1: (100, 100), 2: (200, 200), 8: (400, 200)}
+COMBINATIONS = 3
 # Cityscapes label id -> class, in the supplement's order (``labelIds`` go up to 33)
 _GROUPS = ((7,), (8,), (11,), (12,), (21,), (22,), (23,), (24, 25), (26,), (32, 33), (27,), (28,))
 MAX_LABEL_ID = 33
@@ -88,7 +97,7 @@ class CityscapesReader:
     in_channels = 3
 
     def __init__(self, config: DataConfig) -> None:
-        """Nothing in ``config`` changes how Cityscapes is read; the factory signature takes it."""
+        self.root = Path(config.root)
 
     @property
     def num_classes(self) -> int:
@@ -148,4 +157,36 @@ class CityscapesReader:
             spacing=(1.0, 1.0, 1.0),
             affine=np.eye(4),
             source=case.image,
+        )
+
+    def split(self, seed: int) -> Split:
+        """X_pre / X_ts and the labelled sets of the module docstring, deterministic in seed."""
+        ids = sorted(c.case_id for c in self.list_cases(self.root))
+        order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+        n_test = holdout_size(len(ids))
+        test, pool = tuple(order[:n_test]), order[n_test:]
+        scale = min(1.0, len(ids) / (X_PRE + X_TS))
+        labelled = {}
+        for key, sizes in LABELLED_SIZES.items():
+            n_train, n_val = (max(1, round(n * scale)) for n in sizes)
+            if n_train + n_val > len(pool):
+                continue
+            for j in range(COMBINATIONS):
+                draw = [
+                    pool[i] for i in np.random.default_rng([seed, key, j]).permutation(len(pool))
+                ]
+                labelled[f"tr{key}/c{j + 1}"] = LabelledSet(
+                    tuple(draw[:n_train]), tuple(draw[n_train : n_train + n_val])
+                )
+        benchmark = None
+        if "tr8/c1" in labelled:
+            val = labelled["tr8/c1"].val
+            benchmark = LabelledSet(tuple(c for c in pool if c not in val), val)
+        return Split(
+            pretrain=tuple(pool),
+            pretrain_val=benchmark.val if benchmark else (),
+            test=test,
+            labelled=labelled,
+            benchmark=benchmark,
+            source=f"cityscapes split (seed {seed}, {len(ids)} images)",
         )

@@ -21,15 +21,19 @@ What is done:
   spacing of the labelled training cases. Crop size: ``config.size``, else per in-plane axis
   the median extent in mm (shape x spacing) of the labelled cases divided by the target
   spacing, rounded up to a multiple of 32 (the UNet halves the size five times).
-- Splits (see :meth:`NnunetReader.split`): with ``splits_final.json`` the ``val`` cases of its
-  fold 0 are the test set and its ``train`` cases the pool from which the pre-training set and
-  the labelled sets are drawn (nnU-Net evaluates fold 0 on those same cases). Without it the
-  split is generated from ``config.split_seed`` with the paper's shape. Unlabelled cases of
-  ``imagesTs`` always join the pre-training pool and nothing else.
+- Splits (:meth:`NnunetReader.split`): the labelled cases are split by
+  :func:`contraseg.data.splits.generated_split` with the seed (test, validation pairs,
+  pre-training pool, labelled sets of 1/2/8 drawn from the pool). With a ``splits_final.json``
+  next to ``dataset.json`` (nnU-Net writes it to ``nnUNet_preprocessed/DatasetXXX_Name/``; copy
+  it over) the ``val`` cases of its fold 0 are the test set instead, so that results compare
+  with nnU-Net's fold 0; the other labelled cases are split by the same rule, and those that
+  the rule would hold out for testing join the pre-training pool and the benchmark's training
+  set. Unlabelled cases of ``imagesTs`` only ever join the pre-training pool.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -42,6 +46,7 @@ import numpy as np
 
 from contraseg.config import DataConfig
 from contraseg.data.readers.nifti import check_finite, check_ndim, labels_to_int, load_nifti
+from contraseg.data.splits import LabelledSet, Split, generated_split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
 
@@ -50,16 +55,21 @@ SUPPORTED_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_STEM = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
-    """Parse a JSON object and check that it has the ``required`` keys, naming the file if not."""
+def load_json(path: Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises naming it."""
     if not path.is_file():
         raise InputError(path, "file not found")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read: {err}") from None
     except json.JSONDecodeError as err:
         raise InputError(path, f"not valid JSON: {err}") from None
+
+
+def read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """Parse a JSON object and check that it has the ``required`` keys, naming the file if not."""
+    data = load_json(path)
     if not isinstance(data, dict):
         raise InputError(path, "must hold a JSON object")
     missing = [key for key in required if key not in data]
@@ -173,6 +183,16 @@ class NnunetReader:
     def _channel_path(self, folder: Path, case_id: str, channel: int) -> Path:
         return folder / f"{case_id}_{channel:04d}{self._ending}"
 
+    def _case(self, folder: Path, case_id: str, label: Path | None) -> CaseFiles:
+        """``image`` is channel 0; the other channels and dataset.json go in ``extra``, whose
+        file paths the cache stamps too, so that editing any of them re-prepares the case."""
+        extra = {
+            f"channel_{c:04d}": str(self._channel_path(folder, case_id, c))
+            for c in range(1, self.in_channels)
+        }
+        extra["dataset_json"] = str(self.root / "dataset.json")
+        return CaseFiles(case_id, self._channel_path(folder, case_id, 0), label, extra)
+
     def _list_images(self, folder: Path) -> list[str]:
         """Case ids of an images folder; every case must have each channel, nothing else."""
         cases: set[str] = set()
@@ -218,7 +238,7 @@ class NnunetReader:
             label = labels / f"{case_id}{self._ending}"
             if not label.is_file():
                 raise InputError(label, "file not found")
-            cases.append(CaseFiles(case_id, self._channel_path(images, case_id, 0), label))
+            cases.append(self._case(images, case_id, label))
         if meta["numTraining"] != len(cases):
             raise InputError(
                 self.root / "dataset.json",
@@ -231,8 +251,40 @@ class NnunetReader:
                     raise InputError(
                         self._channel_path(test, case_id, 0), "case id also used in imagesTr"
                     )
-                cases.append(CaseFiles(case_id, self._channel_path(test, case_id, 0), None))
+                cases.append(self._case(test, case_id, None))
         return cases
+
+    # -- split ------------------------------------------------------------------------------
+
+    def split(self, seed: int) -> Split:
+        """The split of the module docstring: generated, or fold 0 of ``splits_final.json``."""
+        labelled = [c.case_id for c in self._cases if c.label is not None]
+        unlabelled = tuple(c.case_id for c in self._cases if c.label is None)
+        folds_path = self.root / "splits_final.json"
+        if not folds_path.is_file():
+            split = generated_split(labelled, seed)
+            return dataclasses.replace(split, pretrain=split.pretrain + unlabelled)
+        test = self._fold0_val(folds_path, set(labelled))
+        rest = generated_split([c for c in labelled if c not in test], seed)
+        train = rest.pretrain + rest.test
+        return dataclasses.replace(
+            rest,
+            pretrain=train + unlabelled,
+            test=tuple(sorted(test)),
+            benchmark=LabelledSet(train, rest.benchmark.val) if rest.benchmark else None,
+            source=f"{folds_path} fold 0 as test; {rest.source} of the rest",
+        )
+
+    @staticmethod
+    def _fold0_val(path: Path, labelled: set[str]) -> set[str]:
+        folds = load_json(path)
+        fold = folds[0] if isinstance(folds, list) and folds else None
+        if not isinstance(fold, dict) or not isinstance(fold.get("val"), list) or not fold["val"]:
+            raise InputError(path, "expected a list of folds, fold 0 with a non-empty 'val' list")
+        unknown = sorted(str(c) for c in fold["val"] if not isinstance(c, str) or c not in labelled)
+        if unknown:
+            raise InputError(path, f"fold 0 'val' names cases not in imagesTr/labelsTr: {unknown}")
+        return set(fold["val"])
 
     # -- derived spacing and size -----------------------------------------------------------
 
@@ -271,8 +323,11 @@ class NnunetReader:
     def load(self, case: CaseFiles) -> Volume:
         channels = []
         affine0, spacing = np.eye(4), (1.0, 1.0, 1.0)
-        for channel in range(self.in_channels):
-            path = self._channel_path(case.image.parent, case.case_id, channel)
+        paths = [
+            case.image,
+            *(Path(case.extra[f"channel_{c:04d}"]) for c in range(1, self.in_channels)),
+        ]
+        for channel, path in enumerate(paths):
             data, affine, zooms = load_nifti(path)
             check_ndim(path, data)
             check_finite(path, data)

@@ -79,7 +79,8 @@ class ProstateReader:
             case_id = strip_ending(image.name)
             if case_id is None:
                 raise InputError(image, "unexpected file: not .nii.gz or .nii")
-            cases.append(CaseFiles(case_id, image, label))
+            # dataset.json in extra: the cache stamps it, so editing it re-prepares
+            cases.append(CaseFiles(case_id, image, label, {"dataset_json": str(meta_path)}))
         return sorted(cases, key=lambda c: c.case_id)
 
     def load(self, case: CaseFiles) -> Volume:
