@@ -233,11 +233,20 @@ def prepare_dataset(config: DataConfig, progress: bool = True) -> PreparedDatase
             entries[case.case_id] = previous
         else:
             todo.append((case, key, inputs))
+    bar = tqdm(
+        total=len(todo),
+        desc="prepare",
+        unit="case",
+        leave=False,
+        disable=None if progress else True,
+    )
     try:
-        for case, key, inputs in tqdm(todo, desc="prepare", unit="case", disable=not progress):
-            entry, files = _prepare_case(reader, case, params, cache_dir, key)
-            written += files
-            entries[case.case_id] = {**entry, "inputs": inputs}
+        with bar:  # closed (and cleared) before an error message is printed
+            for case, key, inputs in todo:
+                entry, files = _prepare_case(reader, case, params, cache_dir, key)
+                written += files
+                entries[case.case_id] = {**entry, "inputs": inputs}
+                bar.update()
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

@@ -260,7 +260,9 @@ def write_phantom_dataset(out: Path, volumes: int, size: int, seed: int) -> None
         raise InputError(None, f"--volumes must be between 1 and 999, got {volumes}")
     if size < 16:
         raise InputError(None, f"--size must be at least 16 pixels, got {size}")
-    for subject in tqdm(range(1, volumes + 1), desc="phantom", unit="vol"):
+    for subject in tqdm(
+        range(1, volumes + 1), desc="phantom", unit="vol", leave=False, disable=None
+    ):
         pid = f"patient{subject:03d}"
         folder = out / pid
         spacing, frames = generate_subject(seed, subject, size)
