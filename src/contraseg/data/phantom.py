@@ -235,7 +235,7 @@ def _nifti_gz(data: np.ndarray, spacing: tuple[float, float, float], size: int) 
     affine[:2, 3] = -(size - 1) / 2.0 * np.array(spacing[:2])
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def generate_subject(
@@ -253,6 +253,13 @@ def generate_subject(
     return s.spacing, frames
 
 
+def _write(target: Path, data: bytes) -> None:
+    """Atomic (temp file + rename) but without fsync: the data can always be regenerated, and
+    syncing hundreds of small files would dominate the generation time."""
+    with fileio.atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_phantom_dataset(out: Path, volumes: int, size: int, seed: int) -> None:
     """Write ``volumes`` subjects as ``patientXXX/`` folders (ED = frame 01, ES frame, Info.cfg)."""
     out = Path(out)
@@ -268,8 +275,8 @@ def write_phantom_dataset(out: Path, volumes: int, size: int, seed: int) -> None
         spacing, frames = generate_subject(seed, subject, size)
         for frame, (image, label) in frames.items():
             stem = folder / f"{pid}_frame{frame:02d}"
-            fileio.write_bytes(f"{stem}.nii.gz", _nifti_gz(image, spacing, size))
-            fileio.write_bytes(f"{stem}_gt.nii.gz", _nifti_gz(label, spacing, size))
+            _write(Path(f"{stem}.nii.gz"), _nifti_gz(image, spacing, size))
+            _write(Path(f"{stem}_gt.nii.gz"), _nifti_gz(label, spacing, size))
         es_frame = max(frames)
         info = f"ED: 1\nES: {es_frame}\nGroup: PHANTOM\nNbFrame: 20\nSeed: {seed}\n"
-        fileio.write_text(folder / "Info.cfg", info)
+        _write(folder / "Info.cfg", info.encode())
