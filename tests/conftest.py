@@ -34,6 +34,8 @@ def tiny_config(phantom_root):
     cache = phantom_root / ".contraseg-cache"
 
     def make(cls, *overrides: str):
-        return load_config(cls, None, [*TINY, f"data.root={phantom_root}", f"data.cache={cache}", *overrides])
+        return load_config(
+            cls, None, [*TINY, f"data.root={phantom_root}", f"data.cache={cache}", *overrides]
+        )
 
     return make

@@ -31,7 +31,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
 
 
 def test_unknown_section_is_an_error():
-    with pytest.raises(InputError, match="unknown config key 'lossy'.*'loss'"):
+    with pytest.raises(InputError, match=r"unknown config key 'lossy'.*'loss'"):
         load_config(PretrainGlobalRun, overrides=["lossy.strategy=GR"])
 
 

@@ -34,14 +34,23 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path, capsys):
     assert saved == json.loads(json.dumps(rows))
     assert len(saved) == len(INITS) * 2
     for row in saved:
-        assert {"init", "labelled_volumes", "combination", "seed", "test_dice", "per_class_dice"} <= set(row)
+        assert {
+            "init",
+            "labelled_volumes",
+            "combination",
+            "seed",
+            "test_dice",
+            "per_class_dice",
+        } <= set(row)
         assert 0.0 <= row["test_dice"] <= 1.0
         assert (tmp_path / row["run"] / "evaluation" / "per_case.csv").is_file()
 
     report = (tmp_path / "report.md").read_text()
     for init in INITS:
         for n in (1, 2):
-            (value,) = [r["test_dice"] for r in saved if r["init"] == init and r["labelled_volumes"] == n]
+            (value,) = [
+                r["test_dice"] for r in saved if r["init"] == init and r["labelled_volumes"] == n
+            ]
             assert f"{value:.3f} +- 0.000 (n=1)" in report
             assert f"{value:.3f}" in out
     for figure in ("pretraining_loss", "validation_dice", "test_dice_vs_labelled", "test_overlays"):

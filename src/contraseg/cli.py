@@ -26,7 +26,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directory to write")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
-        "--fresh", action="store_true", help="start over instead of resuming from the last checkpoint"
+        "--fresh",
+        action="store_true",
+        help="start over instead of resuming from the last checkpoint",
     )
 
 

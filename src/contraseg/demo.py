@@ -14,6 +14,7 @@ stand-in for ACDC, and its numbers are not ACDC results.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -128,89 +129,95 @@ def run_demo(
         write_phantom_dataset(root, volumes=plan.volumes, size=plan.phantom_size, seed=0)
     data = _data_config(root, plan)
     print(prepare_dataset(data).summary())
-    model = ModelConfig(widths=list(plan.widths))
-    checkpoint_every = 100
-
-    global_dir = out / f"pretrain-global-{GLOBAL}"
-    run_pretrain_global(
-        PretrainGlobalRun(
-            data=data,
-            model=model,
-            loss=GlobalLossConfig(strategy=GLOBAL, volumes_per_batch=plan.volumes_per_batch),
-            optim=OptimConfig(iterations=plan.global_iterations, checkpoint_every=checkpoint_every),
-        ),
-        global_dir,
-        device=device,
-    )
-    local_dir = out / f"pretrain-local-{GLOBAL}+{LOCAL}"
-    run_pretrain_local(
-        PretrainLocalRun(
-            data=data,
-            model=model,
-            loss=LocalLossConfig(strategy=LOCAL, volumes_per_batch=plan.volumes_per_batch),
-            optim=OptimConfig(
-                iterations=plan.local_iterations,
-                batch_size=plan.local_batch,
-                checkpoint_every=checkpoint_every,
-            ),
-            encoder=str(global_dir),
-        ),
-        local_dir,
-        device=device,
-    )
+    global_dir, local_dir = _pretrain(out, plan, data, device)
     pretrained = {"random": "", GLOBAL: str(global_dir), f"{GLOBAL}+{LOCAL}": str(local_dir)}
-
-    rows: list[dict[str, object]] = []
-    for seed in plan.seeds:
-        for n in plan.labelled_volumes:
-            for combination in plan.combinations:
-                for name, init in INITS.items():
-                    run_dir = out / f"finetune-{name}-{n}vol-{combination}-s{seed}"
-                    run_finetune(
-                        FinetuneRun(
-                            data=data,
-                            model=model,
-                            finetune=FinetuneConfig(
-                                labelled_volumes=n,  # type: ignore[arg-type]
-                                combination=combination,
-                                init=init,  # type: ignore[arg-type]
-                                pretrained=pretrained[name],
-                                val_every=plan.val_every,
-                            ),
-                            optim=OptimConfig(
-                                iterations=plan.finetune_iterations,
-                                batch_size=plan.finetune_batch,
-                                checkpoint_every=checkpoint_every,
-                            ),
-                            seed=seed,
-                        ),
-                        run_dir,
-                        device=device,
-                    )
-                    summary = evaluate_run(run_dir, device=device)
-                    rows.append(
-                        {
-                            "init": name,
-                            "labelled_volumes": n,
-                            "combination": combination,
-                            "seed": seed,
-                            "test_dice": summary.mean_dice,
-                            "per_class_dice": summary.per_class_dice,
-                            "per_class_hd95_mm": summary.per_class_hd95,
-                            "run": run_dir.name,
-                        }
-                    )
+    rows = [
+        _finetune_and_evaluate(
+            out, plan, data, pretrained[name], name, n, combination, seed, device
+        )
+        for seed, n, combination, name in itertools.product(
+            plan.seeds, plan.labelled_volumes, plan.combinations, INITS
+        )
+    ]
     fileio.write_json(out / "results.json", rows)
     _draw_figures(out, plan, data, global_dir, local_dir, device)
     wall = time.perf_counter() - started
     environment = (
-        f"{'quick' if quick else 'full'} demo, {resolve_device(device)}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{'quick' if quick else 'full'} demo, {resolve_device(device)}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
     )
     table = write_report(out, rows, dataclasses.asdict(plan), wall, environment)
     print(table)
-    print(f"\nwall time {wall / 60:.1f} min; results in {out / 'results.json'}, report in {out / 'report.md'}")
+    print(f"\nwall time {wall / 60:.1f} min; results in {out / 'results.json'}")
+    print(f"report with figures in {out / 'report.md'}")
     return rows
+
+
+def _optim(iterations: int, batch_size: int = 12) -> OptimConfig:
+    return OptimConfig(iterations=iterations, batch_size=batch_size, checkpoint_every=100)
+
+
+def _pretrain(out: Path, plan: DemoPlan, data: DataConfig, device: str) -> tuple[Path, Path]:
+    """Stage 1 (G^D) and stage 2 (L^D on the frozen stage-1 encoder); return their run dirs."""
+    model = ModelConfig(widths=list(plan.widths))
+    global_dir = out / f"pretrain-global-{GLOBAL}"
+    global_loss = GlobalLossConfig(strategy=GLOBAL, volumes_per_batch=plan.volumes_per_batch)
+    run_pretrain_global(
+        PretrainGlobalRun(data, model, global_loss, _optim(plan.global_iterations)),
+        global_dir,
+        device=device,
+    )
+    local_dir = out / f"pretrain-local-{GLOBAL}+{LOCAL}"
+    local_loss = LocalLossConfig(strategy=LOCAL, volumes_per_batch=plan.volumes_per_batch)
+    local_optim = _optim(plan.local_iterations, plan.local_batch)
+    run_pretrain_local(
+        PretrainLocalRun(data, model, local_loss, local_optim, encoder=str(global_dir)),
+        local_dir,
+        device=device,
+    )
+    return global_dir, local_dir
+
+
+def _finetune_and_evaluate(
+    out: Path,
+    plan: DemoPlan,
+    data: DataConfig,
+    pretrained: str,
+    name: str,
+    labelled_volumes: int,
+    combination: str,
+    seed: int,
+    device: str,
+) -> dict[str, object]:
+    """One fine-tuning run and its test scores, as a row of ``results.json``."""
+    run_dir = out / f"finetune-{name}-{labelled_volumes}vol-{combination}-s{seed}"
+    finetune = FinetuneConfig(
+        labelled_volumes=labelled_volumes,  # type: ignore[arg-type]
+        combination=combination,
+        init=INITS[name],  # type: ignore[arg-type]
+        pretrained=pretrained,
+        val_every=plan.val_every,
+    )
+    config = FinetuneRun(
+        data=data,
+        model=ModelConfig(widths=list(plan.widths)),
+        finetune=finetune,
+        optim=_optim(plan.finetune_iterations, plan.finetune_batch),
+        seed=seed,
+    )
+    run_finetune(config, run_dir, device=device)
+    summary = evaluate_run(run_dir, device=device)
+    return {
+        "init": name,
+        "labelled_volumes": labelled_volumes,
+        "combination": combination,
+        "seed": seed,
+        "test_dice": summary.mean_dice,
+        "per_class_dice": summary.per_class_dice,
+        "per_class_hd95_mm": summary.per_class_hd95,
+        "run": run_dir.name,
+    }
 
 
 def _draw_figures(
@@ -242,7 +249,9 @@ def _draw_figures(
     predictions = {}
     for name in INITS:
         model = build_unet(ModelConfig(widths=list(plan.widths)), prepared)
-        model.load_state_dict(load_weights(out / f"finetune-{name}-{n}vol-{c}-s{seed}" / "weights.safetensors"))
+        model.load_state_dict(
+            load_weights(out / f"finetune-{name}-{n}vol-{c}-s{seed}" / "weights.safetensors")
+        )
         probs = predict_probabilities(model.to(torch_device), case.image[slices], torch_device)
         predictions[f"{name} ({n} vol)"] = list(probs.argmax(1))
     figures.overlays(

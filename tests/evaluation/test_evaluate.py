@@ -20,7 +20,9 @@ from contraseg.training.stages import build_unet, load_data, run_finetune
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, tiny_config):
-    config = tiny_config(FinetuneRun, "optim.iterations=6", "optim.batch_size=4", "finetune.val_every=3")
+    config = tiny_config(
+        FinetuneRun, "optim.iterations=6", "optim.batch_size=4", "finetune.val_every=3"
+    )
     return config, run_finetune(config, tmp_path_factory.mktemp("ft") / "run")
 
 

@@ -76,7 +76,9 @@ def test_encoder_is_unchanged_by_stage_two(stage_runs):
 
 
 @pytest.mark.parametrize(("init", "which"), [("encoder", 0), ("encoder+decoder", 1)])
-def test_finetuning_starts_from_the_pretrained_tensors(stage_runs, tiny_config, tmp_path, init, which):
+def test_finetuning_starts_from_the_pretrained_tensors(
+    stage_runs, tiny_config, tmp_path, init, which
+):
     source = stage_runs[which]
     config = tiny_config(FinetuneRun, f"finetune.init={init}", f"finetune.pretrained={source}")
     trainer = Finetuner(config, tmp_path / "ft")
@@ -137,7 +139,9 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
     assert [r["iteration"] for r in _metrics(resumed)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_config, tmp_path, monkeypatch
+):
     original = GlobalPretrainer.compute_loss
 
     def compute_loss(self, it):
@@ -146,7 +150,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
 
     monkeypatch.setattr(GlobalPretrainer, "compute_loss", compute_loss)
     config = tiny_config(
-        PretrainGlobalRun, "optim.iterations=5", "optim.checkpoint_every=2", "loss.volumes_per_batch=2"
+        PretrainGlobalRun,
+        "optim.iterations=5",
+        "optim.checkpoint_every=2",
+        "loss.volumes_per_batch=2",
     )
     with pytest.raises(TrainingError, match="nan at iteration 3"):
         run_pretrain_global(config, tmp_path / "run")

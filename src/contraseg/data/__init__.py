@@ -1,1 +1,1 @@
-"""Datasets: readers for each on-disk layout, the phantom, preprocessing, cache, splits, sampling."""
+"""Datasets: readers for each layout, the phantom, preprocessing, cache, splits, sampling."""

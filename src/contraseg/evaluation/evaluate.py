@@ -97,7 +97,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> EvaluationSummary
             CaseScore(
                 case.case_id,
                 tuple(map(float, dice_per_class(prediction, case.native_label, num_classes))),
-                tuple(map(float, hd95_per_class(prediction, case.native_label, spacing, num_classes))),
+                tuple(
+                    map(float, hd95_per_class(prediction, case.native_label, spacing, num_classes))
+                ),
             )
         )
     summary = EvaluationSummary(tuple(prepared.class_names[1:]), tuple(scores))

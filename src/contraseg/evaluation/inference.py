@@ -46,7 +46,11 @@ def validation_dice(
 ) -> float:
     """The paper's selection score: mean over cases of the mean foreground 3-D Dice."""
     scores = [
-        float(np.mean(dice_per_class(predict_native(model, case, device), case.native_label, num_classes)))
+        float(
+            np.mean(
+                dice_per_class(predict_native(model, case, device), case.native_label, num_classes)
+            )
+        )
         for case in cases
     ]
     return float(np.mean(scores))

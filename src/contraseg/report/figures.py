@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from contraseg.fileio import atomic_path  # noqa: E402
+from contraseg.fileio import atomic_path
 
 # One colour per initialisation, kept across figures.
 COLOURS = ("#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
@@ -36,7 +36,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if len(values) < window or window <= 1:
         return values
     kernel = np.ones(window) / window
-    return np.convolve(np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"), kernel, "valid")
+    return np.convolve(
+        np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"), kernel, "valid"
+    )
 
 
 def loss_curves(runs: Mapping[str, Path], path: Path) -> None:
@@ -55,9 +57,7 @@ def loss_curves(runs: Mapping[str, Path], path: Path) -> None:
     _save(fig, path)
 
 
-def validation_curves(
-    panels: Mapping[str, Mapping[str, Path]], path: Path
-) -> None:
+def validation_curves(panels: Mapping[str, Mapping[str, Path]], path: Path) -> None:
     """Validation Dice against fine-tuning iteration; one panel per labelled set, one line per
     initialisation (all fine-tuned on the same labelled volumes)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
@@ -65,8 +65,12 @@ def validation_curves(
         for colour, (init, run_dir) in zip(COLOURS, runs.items(), strict=False):
             rows = [r for r in read_metrics(run_dir) if "val_dice" in r]
             ax.plot(
-                [r["iteration"] for r in rows], [r["val_dice"] for r in rows],
-                marker="o", ms=3, color=colour, label=init,
+                [r["iteration"] for r in rows],
+                [r["val_dice"] for r in rows],
+                marker="o",
+                ms=3,
+                color=colour,
+                label=init,
             )
         ax.set(title=title, xlabel="fine-tuning iteration", ylabel="validation Dice", ylim=(0, 1))
         ax.grid(alpha=0.3)
@@ -82,11 +86,23 @@ def dice_vs_labelled(rows: Sequence[Mapping[str, object]], path: Path) -> None:
     for i, (colour, init) in enumerate(zip(COLOURS, inits, strict=False)):
         means, stds = [], []
         for n in counts:
-            values = [float(r["test_dice"]) for r in rows if r["init"] == init and r["labelled_volumes"] == n]  # type: ignore[arg-type]
+            values = [
+                float(r["test_dice"])
+                for r in rows
+                if r["init"] == init and r["labelled_volumes"] == n
+            ]  # type: ignore[arg-type]
             means.append(np.mean(values))
             stds.append(np.std(values))
         offset = (i - (len(inits) - 1) / 2) * 0.04
-        ax.errorbar(np.array(counts) + offset, means, yerr=stds, marker="o", capsize=3, color=colour, label=init)
+        ax.errorbar(
+            np.array(counts) + offset,
+            means,
+            yerr=stds,
+            marker="o",
+            capsize=3,
+            color=colour,
+            label=init,
+        )
     ax.set(xlabel="labelled volumes", ylabel="test Dice (mean over volumes)", xticks=counts)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
@@ -102,7 +118,9 @@ def overlays(
     """Rows: test slices. Columns: image, ground truth, then each initialisation's prediction."""
     columns = ["image", "ground truth", *predictions]
     fig, axes = plt.subplots(
-        len(image_slices), len(columns), figsize=(2.2 * len(columns), 2.2 * len(image_slices)),
+        len(image_slices),
+        len(columns),
+        figsize=(2.2 * len(columns), 2.2 * len(image_slices)),
         squeeze=False,
     )
     for row, image in enumerate(image_slices):

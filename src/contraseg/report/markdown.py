@@ -22,7 +22,11 @@ def summary_table(rows: Sequence[Row]) -> str:
     for init in inits:
         cells = []
         for n in counts:
-            values = [float(r["test_dice"]) for r in rows if r["init"] == init and r["labelled_volumes"] == n]  # type: ignore[arg-type]
+            values = [
+                float(r["test_dice"])
+                for r in rows
+                if r["init"] == init and r["labelled_volumes"] == n
+            ]  # type: ignore[arg-type]
             cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f} (n={len(values)})")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -42,7 +46,11 @@ def runs_table(rows: Sequence[Row]) -> str:
 
 
 def write_report(
-    out: Path, rows: Sequence[Row], plan: Mapping[str, object], wall_seconds: float, environment: str
+    out: Path,
+    rows: Sequence[Row],
+    plan: Mapping[str, object],
+    wall_seconds: float,
+    environment: str,
 ) -> str:
     """Write ``out/report.md``; return the summary table that was written into it."""
     table = summary_table(rows)

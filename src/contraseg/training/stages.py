@@ -20,12 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from contraseg.config import (
     DataConfig,
     FinetuneRun,
+    GlobalLossConfig,
+    LocalLossConfig,
     ModelConfig,
     PretrainGlobalRun,
     PretrainLocalRun,
@@ -33,6 +36,7 @@ from contraseg.config import (
 )
 from contraseg.data.augment import finetune_augment, pretrain_view
 from contraseg.data.cache import PreparedDataset, prepare_dataset
+from contraseg.data.readers import get_reader
 from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
 from contraseg.data.splits import Split, get_split
 from contraseg.errors import InputError
@@ -51,10 +55,17 @@ from contraseg.training.trainer import Trainer
 
 
 def load_data(config: DataConfig) -> tuple[PreparedDataset, Split]:
-    """Prepare (or reuse) the cache and form the dataset's split."""
+    """Prepare (or reuse) the cache and form the dataset's split.
+
+    A reader that knows its dataset's split (nnU-Net's ``splits_final.json`` and unlabelled
+    ``imagesTs``, Cityscapes' image counts) provides ``split(seed)``; the others use the
+    packaged paper splits or a generated one.
+    """
     prepared = prepare_dataset(config)
-    split = get_split(config.dataset, list(prepared.cases), seed=config.split_seed)
-    return prepared, split
+    reader = get_reader(config)
+    if hasattr(reader, "split"):
+        return prepared, reader.split(config.split_seed)
+    return prepared, get_split(config.dataset, list(prepared.cases), seed=config.split_seed)
 
 
 def require_cases(prepared: PreparedDataset, split: Split, case_ids: list[str] | tuple[str, ...]):
@@ -77,6 +88,29 @@ def load_run_weights(run_dir: str | Path, what: str) -> dict[str, torch.Tensor]:
     return load_weights(Path(run_dir) / "weights.safetensors")
 
 
+def pretraining_sampler(
+    prepared: PreparedDataset,
+    split: Split,
+    loss: GlobalLossConfig | LocalLossConfig,
+    random_slices: bool,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> tuple[RandomSliceSampler | PartitionSampler, list[np.ndarray]]:
+    """The sampler of the pre-training pool: random slices (G^R, L^R) or ``m`` volumes x ``S``
+    partitions (G^D-, G^D, L^D); also returns the pool's volumes."""
+    cases = require_cases(prepared, split, split.pretrain)
+    volumes = [case.image for case in cases]
+    if random_slices:
+        return RandomSliceSampler(volumes, batch_size, rng, partitions=loss.partitions), volumes
+    try:
+        sampler = PartitionSampler(
+            volumes, loss.partitions, loss.volumes_per_batch, rng, names=[c.case_id for c in cases]
+        )
+    except ValueError as err:
+        raise InputError(None, f"loss.volumes_per_batch: {err}") from None
+    return sampler, volumes
+
+
 def _select(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
@@ -92,7 +126,11 @@ def _two_views(
     n = batch.images.shape[0]
     device = views.device
     image_ids = torch.arange(n, device=device).repeat(2)
-    return image_ids, batch.volume_ids.to(device).repeat(2), batch.partition_ids.to(device).repeat(2)
+    return (
+        image_ids,
+        batch.volume_ids.to(device).repeat(2),
+        batch.partition_ids.to(device).repeat(2),
+    )
 
 
 class GlobalPretrainer(Trainer):
@@ -108,17 +146,11 @@ class GlobalPretrainer(Trainer):
     def setup(self) -> None:
         cfg = self.config
         prepared, split = load_data(cfg.data)
-        volumes = [case.image for case in require_cases(prepared, split, split.pretrain)]
         loss_cfg = cfg.loss
         batch = loss_cfg.volumes_per_batch * loss_cfg.partitions
-        if loss_cfg.strategy == "GR":
-            self.sampler: Any = RandomSliceSampler(
-                volumes, batch, self.rng, partitions=loss_cfg.partitions
-            )
-        else:
-            self.sampler = PartitionSampler(
-                volumes, loss_cfg.partitions, loss_cfg.volumes_per_batch, self.rng
-            )
+        self.sampler, volumes = pretraining_sampler(
+            prepared, split, loss_cfg, loss_cfg.strategy == "GR", batch, self.rng
+        )
         self.unet = build_unet(cfg.model, prepared)
         height, width = volumes[0].shape[-2:]
         self.g1 = GlobalHead(
@@ -158,15 +190,9 @@ class LocalPretrainer(Trainer):
         cfg = self.config
         loss_cfg = cfg.loss
         prepared, split = load_data(cfg.data)
-        volumes = [case.image for case in require_cases(prepared, split, split.pretrain)]
-        if loss_cfg.strategy == "LR":
-            self.sampler: Any = RandomSliceSampler(
-                volumes, cfg.optim.batch_size, self.rng, partitions=loss_cfg.partitions
-            )
-        else:
-            self.sampler = PartitionSampler(
-                volumes, loss_cfg.partitions, loss_cfg.volumes_per_batch, self.rng
-            )
+        self.sampler, volumes = pretraining_sampler(
+            prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size, self.rng
+        )
         self.unet = build_unet(cfg.model, prepared)
         encoder = _select(load_run_weights(cfg.encoder, "encoder"), ("encoder.",))
         if not encoder:
@@ -194,9 +220,7 @@ class LocalPretrainer(Trainer):
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
-        self.optimizer = torch.optim.Adam(
-            [*decoder, *self.embedder.parameters()], lr=cfg.optim.lr
-        )
+        self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
@@ -281,7 +305,9 @@ class Finetuner(Trainer):
         batch = self.sampler.sample()
         images = batch.images.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        images, labels = finetune_augment(images, labels, self.config.augment, self.augment_generator)
+        images, labels = finetune_augment(
+            images, labels, self.config.augment, self.augment_generator
+        )
         return self.loss_fn(self.unet(images), labels), {}
 
     def should_validate(self, iteration: int) -> bool:
@@ -310,11 +336,15 @@ class Finetuner(Trainer):
         return load_weights(self.best_path) if self.best_path.exists() else self.unet.state_dict()
 
 
-def run_pretrain_global(config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+def run_pretrain_global(
+    config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False
+) -> Path:
     return GlobalPretrainer(config, out, device).run(fresh)
 
 
-def run_pretrain_local(config: PretrainLocalRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+def run_pretrain_local(
+    config: PretrainLocalRun, out: Path, device: str = "auto", fresh: bool = False
+) -> Path:
     return LocalPretrainer(config, out, device).run(fresh)
 
 
@@ -328,4 +358,3 @@ def load_run_config(run_dir: str | Path) -> FinetuneRun:
     if not path.is_file():
         raise InputError(path, "not found: is this a run directory?")
     return load_config(FinetuneRun, path)
-

@@ -156,9 +156,10 @@ class Trainer:
                 self.optimizer.step()
                 self.iteration = iteration
                 stats = {"loss": value, **stats}
-                if self.should_validate(iteration) or iteration == iterations:
+                validated = self.should_validate(iteration) or iteration == iterations
+                if validated:
                     stats.update(self.validate(iteration) or {})
-                if iteration % log_every == 0 or iteration == iterations or len(stats) > 1:
+                if validated or iteration % log_every == 0:
                     self.log(iteration, stats)
                 if iteration % checkpoint_every == 0 or iteration == iterations:
                     self._save()
@@ -239,7 +240,8 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("stage") != self.stage:
             raise InputError(
-                self.checkpoint_path, f"checkpoint of stage {state.get('stage')!r}, not {self.stage!r}"
+                self.checkpoint_path,
+                f"checkpoint of stage {state.get('stage')!r}, not {self.stage!r}",
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
