@@ -29,4 +29,4 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests bench
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_losses.py
