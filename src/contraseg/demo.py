@@ -77,13 +77,13 @@ class DemoPlan:
 FULL = DemoPlan(
     volumes=60,
     phantom_size=96,
-    widths=(16, 32, 64, 128, 128, 128),
-    global_iterations=1000,
-    local_iterations=200,
+    widths=(8, 16, 32, 64, 64, 64),
+    global_iterations=1200,
+    local_iterations=300,
     finetune_iterations=200,
-    val_every=20,
+    val_every=10,
     labelled_volumes=(1, 2),
-    combinations=("c1", "c2"),
+    combinations=("c1", "c2", "c3"),
 )
 QUICK = DemoPlan(
     volumes=24,
@@ -124,6 +124,7 @@ def run_demo(
     started = time.perf_counter()
     plan = plan or (QUICK if quick else FULL)
     out = Path(out)
+    reused = sorted(p.name for p in out.glob("*-*") if (p / "weights.safetensors").exists())
     root = out / "data" / "phantom"
     if not (root / "patient001").exists():
         write_phantom_dataset(root, volumes=plan.volumes, size=plan.phantom_size, seed=0)
@@ -147,6 +148,8 @@ def run_demo(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads"
     )
+    if reused:
+        environment += f"; {len(reused)} stage runs finished by an earlier invocation were reused"
     table = write_report(out, rows, dataclasses.asdict(plan), wall, environment)
     print(table)
     print(f"\nwall time {wall / 60:.1f} min; results in {out / 'results.json'}")
@@ -235,7 +238,9 @@ def _draw_figures(
         for n in plan.labelled_volumes
         for c in plan.combinations
     }
-    figures.validation_curves(panels, out / "figures" / "validation_dice.png")
+    figures.validation_curves(
+        panels, out / "figures" / "validation_dice.png", columns=len(plan.combinations)
+    )
     rows = json.loads((out / "results.json").read_text())
     figures.dice_vs_labelled(rows, out / "figures" / "test_dice_vs_labelled.png")
 

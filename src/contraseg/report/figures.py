@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from contraseg.fileio import atomic_path
+from contraseg.report.markdown import dice_groups
 
 # One colour per initialisation, kept across figures.
 COLOURS = ("#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
@@ -27,6 +28,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -57,16 +59,22 @@ def loss_curves(runs: Mapping[str, Path], path: Path) -> None:
     _save(fig, path)
 
 
-def validation_curves(panels: Mapping[str, Mapping[str, Path]], path: Path) -> None:
-    """Validation Dice against fine-tuning iteration; one panel per labelled set, one line per
-    initialisation (all fine-tuned on the same labelled volumes)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], panels.items(), strict=True):
+def validation_curves(
+    panels: Mapping[str, Mapping[str, Path]], path: Path, columns: int = 3
+) -> None:
+    """Validation Dice against fine-tuning iteration; one panel per labelled set (``columns``
+    per row), one line per initialisation (all fine-tuned on the same labelled volumes)."""
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_axis_off()
+    for ax, (title, runs) in zip(axes.flat, panels.items(), strict=False):
         for colour, (init, run_dir) in zip(COLOURS, runs.items(), strict=False):
-            rows = [r for r in read_metrics(run_dir) if "val_dice" in r]
+            logged = [r for r in read_metrics(run_dir) if "val_dice" in r]
             ax.plot(
-                [r["iteration"] for r in rows],
-                [r["val_dice"] for r in rows],
+                [r["iteration"] for r in logged],
+                [r["val_dice"] for r in logged],
                 marker="o",
                 ms=3,
                 color=colour,
@@ -81,18 +89,13 @@ def validation_curves(panels: Mapping[str, Mapping[str, Path]], path: Path) -> N
 def dice_vs_labelled(rows: Sequence[Mapping[str, object]], path: Path) -> None:
     """Test Dice against the number of labelled volumes, mean +- std over labelled sets."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    inits = list(dict.fromkeys(str(r["init"]) for r in rows))
-    counts = sorted({int(r["labelled_volumes"]) for r in rows})  # type: ignore[call-overload]
+    groups = dice_groups(rows)
+    inits = list(groups)
+    counts = sorted({n for by_count in groups.values() for n in by_count})
     for i, (colour, init) in enumerate(zip(COLOURS, inits, strict=False)):
-        means, stds = [], []
-        for n in counts:
-            values = [
-                float(r["test_dice"])
-                for r in rows
-                if r["init"] == init and r["labelled_volumes"] == n
-            ]  # type: ignore[arg-type]
-            means.append(np.mean(values))
-            stds.append(np.std(values))
+        values = [groups[init].get(n, [float("nan")]) for n in counts]
+        means = [np.mean(v) for v in values]
+        stds = [np.std(v) for v in values]
         offset = (i - (len(inits) - 1) / 2) * 0.04
         ax.errorbar(
             np.array(counts) + offset,

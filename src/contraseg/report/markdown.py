@@ -12,22 +12,27 @@ from contraseg import fileio
 Row = Mapping[str, object]
 
 
+def dice_groups(rows: Sequence[Row]) -> dict[str, dict[int, list[float]]]:
+    """init -> number of labelled volumes -> test Dice of each run, in the rows' order."""
+    groups: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        by_count = groups.setdefault(str(r["init"]), {})
+        by_count.setdefault(int(r["labelled_volumes"]), []).append(float(r["test_dice"]))  # type: ignore[call-overload, arg-type]
+    return groups
+
+
 def summary_table(rows: Sequence[Row]) -> str:
     """Mean +- std test Dice per initialisation (rows) and number of labelled volumes (columns),
     over labelled sets and seeds, as a markdown table."""
-    inits = list(dict.fromkeys(str(r["init"]) for r in rows))
-    counts = sorted({int(r["labelled_volumes"]) for r in rows})  # type: ignore[call-overload]
+    groups = dice_groups(rows)
+    counts = sorted({n for by_count in groups.values() for n in by_count})
     header = "| initialisation | " + " | ".join(f"{n} labelled vol." for n in counts) + " |"
     lines = [header, "|---|" + "---|" * len(counts)]
-    for init in inits:
-        cells = []
-        for n in counts:
-            values = [
-                float(r["test_dice"])
-                for r in rows
-                if r["init"] == init and r["labelled_volumes"] == n
-            ]  # type: ignore[arg-type]
-            cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f} (n={len(values)})")
+    for init, by_count in groups.items():
+        cells = [
+            f"{np.mean(v):.3f} +- {np.std(v):.3f} (n={len(v)})"
+            for v in (by_count.get(n, [float("nan")]) for n in counts)
+        ]
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -159,7 +159,7 @@ class Trainer:
                 validated = self.should_validate(iteration) or iteration == iterations
                 if validated:
                     stats.update(self.validate(iteration) or {})
-                if validated or iteration % log_every == 0:
+                if validated or iteration % log_every == 0 or iteration == 1:
                     self.log(iteration, stats)
                 if iteration % checkpoint_every == 0 or iteration == iterations:
                     self._save()
