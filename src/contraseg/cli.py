@@ -94,10 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Global and local contrastive pre-training for segmentation with few labels.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is accepted after the command too; SUPPRESS keeps it from resetting the top one
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], None], text: str):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, parents=[debug])
         p.set_defaults(handler=handler)
         return p
 

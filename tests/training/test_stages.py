@@ -183,3 +183,8 @@ def test_local_stage_without_encoder_run_is_a_clear_error(tiny_config, tmp_path)
     config = tiny_config(PretrainLocalRun, f"encoder={tmp_path / 'missing'}")
     with pytest.raises(InputError, match="weights file not found"):
         run_pretrain_local(config, tmp_path / "local")
+
+
+def test_debug_flag_is_accepted_after_the_command(tmp_path):
+    with pytest.raises(InputError):
+        main(["pretrain-global", "--out", str(tmp_path / "r"), "--debug", "optim.itrations=3"])

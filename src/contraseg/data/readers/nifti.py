@@ -26,7 +26,9 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile) as err:
         raise InputError(path, f"cannot read NIfTI file (truncated or corrupt?): {err}") from None
     except nib.filebasedimages.ImageFileError as err:
-        raise InputError(path, f"not a NIfTI file: {err}") from None
+        raise InputError(
+            path, f"not a readable NIfTI file (truncated or corrupt?): {err}"
+        ) from None
     spacing = tuple(float(s) for s in img.header.get_zooms()[: data.ndim])
     return data, np.asarray(img.affine, dtype=np.float64), spacing
 
