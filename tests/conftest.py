@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from contraseg.config import load_config
 from contraseg.data.phantom import write_phantom_dataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core; more torch threads than cores thrash.
+    torch.set_num_threads(1)
 
 TINY = [
     "data.dataset=phantom",
