@@ -188,3 +188,47 @@ def test_local_stage_without_encoder_run_is_a_clear_error(tiny_config, tmp_path)
 def test_debug_flag_is_accepted_after_the_command(tmp_path):
     with pytest.raises(InputError):
         main(["pretrain-global", "--out", str(tmp_path / "r"), "--debug", "optim.itrations=3"])
+
+
+def _cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_fewer_slices_than_partitions_names_the_case_file(tiny_config, tmp_path, capsys):
+    root = tiny_config(PretrainGlobalRun).data.root
+    code, err = _cli(
+        [
+            "pretrain-global",
+            "--out",
+            str(tmp_path / "r"),
+            f"data.root={root}",
+            "data.size=[32,32]",
+            "data.target_spacing=[3.0,3.0]",
+            "loss.partitions=20",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "patient" in err and ".npy" in err and "fewer than 20 partitions" in err
+
+
+def test_a_split_naming_missing_cases_lists_them(phantom_root, tmp_path, capsys):
+    """The phantom's files read as ACDC: the paper's ACDC split names patients it lacks."""
+    code, err = _cli(
+        [
+            "finetune",
+            "--out",
+            str(tmp_path / "r"),
+            "data.dataset=acdc",
+            f"data.root={phantom_root}",
+            f"data.cache={tmp_path / 'cache'}",
+            "data.size=[32,32]",
+            "data.target_spacing=[3.0,3.0]",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "acdc.json" in err and "patient071" in err

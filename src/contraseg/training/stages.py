@@ -104,7 +104,11 @@ def pretraining_sampler(
         return RandomSliceSampler(volumes, batch_size, rng, partitions=loss.partitions), volumes
     try:
         sampler = PartitionSampler(
-            volumes, loss.partitions, loss.volumes_per_batch, rng, names=[c.case_id for c in cases]
+            volumes,
+            loss.partitions,
+            loss.volumes_per_batch,
+            rng,
+            names=[str(c.image_path) for c in cases],
         )
     except ValueError as err:
         raise InputError(None, f"loss.volumes_per_batch: {err}") from None
