@@ -30,3 +30,4 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_losses.py
+	$(BIN)/python bench/bench_augment.py

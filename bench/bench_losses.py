@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
+from benchmarks_md import BENCHMARKS, machine, write_section
 
 from contraseg.losses import global_contrastive_loss, local_contrastive_loss
 from contraseg.losses.reference import (
@@ -33,14 +32,6 @@ from contraseg.losses.reference import (
 from contraseg.models.heads import extract_regions, official_region_grid
 from contraseg.models.unet import UNet
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench_losses: begin -->", "<!-- bench_losses: end -->"
-HEADER = """# Benchmarks
-
-Timings are only comparable within a row: each ratio is measured in one process, on the machine
-named in that row (CPU model from /proc/cpuinfo, or the GPU), with the torch version given.
-Absolute milliseconds are reported for context, not as targets.
-"""
 COLUMNS = [
     "loss", "strategy", "input", "vectorised ms", "loop ms", "speed-up",
     "UNet f+b ms", "loss / UNet", "machine", "torch", "date",
@@ -77,20 +68,6 @@ def ids(
         (torch.arange(n, device=device) // partitions).repeat(views),
         (torch.arange(n, device=device) % partitions).repeat(views),
     )
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                threads = torch.get_num_threads()
-                plural = "s" if threads != 1 else ""
-                return f"{line.split(':', 1)[1].strip()} ({threads} thread{plural})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def unet_ms(batches: tuple[int, ...], device: torch.device) -> dict[int, float]:
@@ -158,32 +135,14 @@ def run(device: torch.device, repeats: int) -> list[list[str]]:
 
 
 def write(rows: list[list[str]]) -> None:
-    """Replace this machine's rows in the bench_losses section of BENCHMARKS.md, keep the rest."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
-    keep: list[str] = []
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        section, tail = rest.split(END, 1)
-        new = {(r[8], r[9]) for r in rows}
-        for line in section.splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            ours = len(cells) == len(COLUMNS) and cells[0] in ("global", "local")
-            if ours and (cells[8], cells[9]) not in new:
-                keep.append(line)
-    else:
-        head, tail = text.rstrip("\n") + "\n\n", "\n"
-    table = [
-        "## Contrastive losses (`bench/bench_losses.py`)",
-        "",
+    write_section(
+        "bench_losses",
+        "Contrastive losses (`bench/bench_losses.py`)",
         "Forward + backward of the vectorised loss vs the loop reference (target >= 20x), and "
         "vs one forward + backward of the UNet at 192 x 192 with the same batch (target < 5%).",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *keep,
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-    BENCHMARKS.write_text(head + BEGIN + "\n" + "\n".join(table) + "\n" + END + tail)
+        COLUMNS,
+        rows,
+    )
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""Benchmark: batch augmentation against the same transforms applied image by image.
+
+The trainer augments whole batches with torch ops on the training device, every image drawing
+its own parameters. This times, in one process, one batch-call of ``finetune_augment`` (batch
+20 at 192 x 192, the paper's fine-tuning batch) and of ``pretrain_view`` (48 images) against a
+loop that calls the same function once per image, and both against one forward + backward of the
+UNet on that batch, so that the cost of augmentation can be read as a fraction of a step.
+
+Run: ``.venv/bin/python bench/bench_augment.py`` (``--device cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from benchmarks_md import BENCHMARKS, machine, write_section
+
+from contraseg.config import FinetuneAugmentConfig, PretrainAugmentConfig
+from contraseg.data.augment import finetune_augment, pretrain_view
+from contraseg.models.unet import UNet
+
+COLUMNS = [
+    "transform", "batch", "batch call ms", "per-image loop ms", "speed-up",
+    "UNet f+b ms", "augment / UNet", "machine", "torch", "date",
+]  # fmt: skip
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    times = []
+    for i in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_transform(
+    name: str,
+    batch: int,
+    transform: Callable[[torch.Tensor, torch.Tensor], object],
+    model: UNet,
+    device: torch.device,
+    repeats: int,
+) -> list[str]:
+    images = torch.rand(batch, 1, 192, 192, device=device)
+    labels = torch.randint(0, 4, (batch, 192, 192), device=device)
+    whole = median_ms(lambda: transform(images, labels), device, repeats)
+    loop = median_ms(
+        lambda: [transform(images[i : i + 1], labels[i : i + 1]) for i in range(batch)],
+        device,
+        repeats,
+    )
+    unet = median_ms(lambda: model(images).mean().backward(), device, 3)
+    stamp = datetime.date.today().isoformat()
+    return [
+        name, str(batch), f"{whole:.1f}", f"{loop:.1f}", f"{loop / whole:.1f}x", f"{unet:.0f}",
+        f"{100 * whole / unet:.1f}%", machine(device), torch.__version__, stamp,
+    ]  # fmt: skip
+
+
+def run(device: torch.device, repeats: int) -> list[list[str]]:
+    generator = torch.Generator().manual_seed(0)
+    model = UNet().to(device).train()
+    finetune_cfg, pretrain_cfg = FinetuneAugmentConfig(), PretrainAugmentConfig()
+    return [
+        time_transform(
+            "finetune_augment (affine + elastic)",
+            20,
+            lambda x, y: finetune_augment(x, y, finetune_cfg, generator),
+            model,
+            device,
+            repeats,
+        ),
+        time_transform(
+            "pretrain_view (crop + intensity)",
+            48,
+            lambda x, y: pretrain_view(x, pretrain_cfg, generator),
+            model,
+            device,
+            repeats,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = run(torch.device(args.device), args.repeats)
+    for row in rows:
+        print("  ".join(row))
+    write_section(
+        "bench_augment",
+        "Batch augmentation (`bench/bench_augment.py`)",
+        "One batch call vs the same transform called image by image (same device, same process), "
+        "and the batch call as a fraction of one UNet forward + backward at 192 x 192.",
+        COLUMNS,
+        rows,
+        key=("transform", "machine", "torch"),
+    )
+    print(f"wrote {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    main()
