@@ -217,6 +217,26 @@ def expect_error(
     return errors[0]
 
 
+def train_and_evaluate(out: Path, overrides: Sequence[str], *global_overrides: str):
+    """A two-iteration stage 1, fine-tuning from its encoder, and the test-set evaluation."""
+    from contraseg.config import FinetuneRun, PretrainGlobalRun, load_config
+    from contraseg.evaluation.evaluate import evaluate_run
+    from contraseg.training.stages import run_finetune, run_pretrain_global
+
+    common = [*overrides, "model.widths=[4,8,8,8,8,8]", "model.g1_hidden=16", "optim.iterations=2"]
+    pretrain = load_config(PretrainGlobalRun, None, [*common, *global_overrides])
+    encoder_run = run_pretrain_global(pretrain, out / "global")
+    finetune_overrides = [
+        *common,
+        "finetune.init=encoder",
+        f"finetune.pretrained={encoder_run}",
+        "optim.batch_size=2",
+        "finetune.val_every=1",
+    ]
+    finetune = load_config(FinetuneRun, None, finetune_overrides)
+    return evaluate_run(run_finetune(finetune, out / "ft"), device="cpu")
+
+
 @pytest.fixture
 def fx() -> types.SimpleNamespace:
     """The writers above (test modules cannot import a conftest under importlib mode)."""
@@ -233,5 +253,6 @@ def fx() -> types.SimpleNamespace:
         run_prepare=run_prepare,
         prepare_and_sample=prepare_and_sample,
         expect_error=expect_error,
+        train_and_evaluate=train_and_evaluate,
         MMWHS_RAW=MMWHS_RAW,
     )

@@ -186,32 +186,8 @@ def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
 
 def test_colour_images_train_through_the_same_unet(tmp_path, fx):
     """3-channel input: G^R pre-training, fine-tuning from its encoder, evaluation."""
-    from contraseg.config import FinetuneRun, PretrainGlobalRun, load_config
-    from contraseg.evaluation.evaluate import evaluate_run
-    from contraseg.training.stages import run_finetune, run_pretrain_global
-
     root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=4)
-    common = [
-        "data.dataset=cityscapes",
-        f"data.root={root}",
-        "data.size=[32,32]",
-        "model.widths=[4,8,8,8,8,8]",
-        "model.g1_hidden=16",
-        "optim.iterations=2",
-    ]
-    pretrain = load_config(PretrainGlobalRun, None, [*common, "loss.strategy=GR"])
-    encoder_run = run_pretrain_global(pretrain, tmp_path / "global")
-    finetune = load_config(
-        FinetuneRun,
-        None,
-        [
-            *common,
-            "finetune.init=encoder",
-            f"finetune.pretrained={encoder_run}",
-            "optim.batch_size=2",
-            "finetune.val_every=1",
-        ],
-    )
-    summary = evaluate_run(run_finetune(finetune, tmp_path / "ft"), device="cpu")
+    data = ["data.dataset=cityscapes", f"data.root={root}", "data.size=[32,32]"]
+    summary = fx.train_and_evaluate(tmp_path, data, "loss.strategy=GR")
     assert len(summary.class_names) == 12
     assert 0.0 <= summary.mean_dice <= 1.0

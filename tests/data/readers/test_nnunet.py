@@ -275,11 +275,10 @@ def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
     fx.expect_error(capsys, "nnunet", root, damage(root, fx))
 
 
-def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path):
+def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
     """Unlabelled imagesTs join the pre-training pool; fine-tuning and testing use labelled ones."""
-    from contraseg.config import FinetuneRun, PretrainGlobalRun, load_config
-    from contraseg.evaluation.evaluate import evaluate_run
-    from contraseg.training.stages import load_data, run_finetune, run_pretrain_global
+    from contraseg.config import PretrainGlobalRun, load_config
+    from contraseg.training.stages import load_data
 
     phantom = tmp_path / "phantom"
     write_phantom_dataset(phantom, volumes=16, size=40, seed=1)
@@ -293,31 +292,15 @@ def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path):
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 13}))
 
-    common = [
+    data = [
         "data.dataset=nnunet",
         f"data.root={root}",
         "data.size=[32,32]",
         "data.target_spacing=[3.0,3.0]",
-        "model.widths=[4,8,8,8,8,8]",
-        "model.g1_hidden=16",
-        "optim.iterations=2",
     ]
-    config = load_config(PretrainGlobalRun, None, [*common, "loss.volumes_per_batch=2"])
-    _, split = load_data(config.data)
-    assert {"patient014", "patient015", "patient016"} <= set(split.pretrain)
+    _, split = load_data(load_config(PretrainGlobalRun, None, data).data)
     unlabelled = {"patient014", "patient015", "patient016"}
+    assert unlabelled <= set(split.pretrain)
     assert not unlabelled & {*split.test, *split.labelled_set(1, "c1").train}
-    encoder_run = run_pretrain_global(config, tmp_path / "global")
-    finetune = load_config(
-        FinetuneRun,
-        None,
-        [
-            *common,
-            "finetune.init=encoder",
-            f"finetune.pretrained={encoder_run}",
-            "optim.batch_size=2",
-            "finetune.val_every=1",
-        ],
-    )
-    summary = evaluate_run(run_finetune(finetune, tmp_path / "ft"), device="cpu")
+    summary = fx.train_and_evaluate(tmp_path, data, "loss.volumes_per_batch=2")
     assert [case.case_id for case in summary.cases] == list(split.test)
