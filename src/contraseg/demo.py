@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -218,7 +219,10 @@ def _finetune_and_evaluate(
         "seed": seed,
         "test_dice": summary.mean_dice,
         "per_class_dice": summary.per_class_dice,
-        "per_class_hd95_mm": summary.per_class_hd95,
+        # JSON has no NaN: an undefined HD95 (one mask empty in every volume) is null
+        "per_class_hd95_mm": {
+            k: v if math.isfinite(v) else None for k, v in summary.per_class_hd95.items()
+        },
         "run": run_dir.name,
     }
 

@@ -38,15 +38,21 @@ def summary_table(rows: Sequence[Row]) -> str:
 
 
 def runs_table(rows: Sequence[Row]) -> str:
+    """One line per run: test Dice, Dice per class, HD95 per class (mm; '-' where undefined)."""
     classes = list(rows[0]["per_class_dice"]) if rows else []  # type: ignore[call-overload]
     lines = [
-        "| run | test Dice | " + " | ".join(classes) + " |",
-        "|---|---|" + "---|" * len(classes),
+        "| run | test Dice | "
+        + " | ".join(classes)
+        + " | "
+        + " | ".join(f"HD95 {c} mm" for c in classes)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(classes)),
     ]
     for r in rows:
-        per_class = r["per_class_dice"]
-        cells = " | ".join(f"{per_class[c]:.3f}" for c in classes)  # type: ignore[index]
-        lines.append(f"| {r['run']} | {float(r['test_dice']):.3f} | {cells} |")  # type: ignore[arg-type]
+        dice, hd95 = r["per_class_dice"], r["per_class_hd95_mm"]
+        cells = [f"{dice[c]:.3f}" for c in classes]  # type: ignore[index]
+        cells += ["-" if hd95[c] is None else f"{hd95[c]:.1f}" for c in classes]  # type: ignore[index]
+        lines.append(f"| {r['run']} | {float(r['test_dice']):.3f} | " + " | ".join(cells) + " |")  # type: ignore[arg-type]
     return "\n".join(lines)
 
 
@@ -72,7 +78,7 @@ native grid, then the mean over test volumes, for the best-validation weights.
 
 {table}
 
-Per run (per-class mean Dice over test volumes):
+Per run (per-class means over test volumes; HD95 left out where one mask is empty):
 
 {runs_table(rows)}
 
