@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from contraseg.config import (
     FinetuneRun,
     PretrainGlobalRun,
+    PretrainLocalRun,
     load_config,
     parse_overrides,
     save_config,
@@ -82,3 +85,21 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("optim: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_config(PretrainGlobalRun, path)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+RUN_CLASSES = {
+    "pretrain_global": PretrainGlobalRun,
+    "pretrain_local": PretrainLocalRun,
+    "finetune": FinetuneRun,
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    (cls,) = [cls for stem, cls in RUN_CLASSES.items() if stem in path.name]
+    load_config(cls, path)
+
+
+def test_configs_are_shipped():
+    assert len(CONFIGS) >= 12
