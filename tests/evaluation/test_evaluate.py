@@ -65,3 +65,13 @@ def test_evaluate_command_prints_the_table(finetuned, capsys):
 def test_evaluate_on_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_pretraining_run(tiny_config, tmp_path, capsys):
+    from contraseg.config import PretrainGlobalRun
+    from contraseg.training.stages import run_pretrain_global
+
+    config = tiny_config(PretrainGlobalRun, "optim.iterations=1", "loss.volumes_per_batch=2")
+    run_dir = run_pretrain_global(config, tmp_path / "global")
+    assert main(["evaluate", "--run", str(run_dir)]) == 2
+    assert "not a finished `contraseg finetune` run" in capsys.readouterr().err

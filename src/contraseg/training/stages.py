@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from contraseg.config import (
@@ -361,4 +362,7 @@ def load_run_config(run_dir: str | Path) -> FinetuneRun:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise InputError(path, "not found: is this a run directory?")
+    sections = yaml.safe_load(path.read_text()) or {}
+    if "finetune" not in sections or not (Path(run_dir) / "weights.safetensors").is_file():
+        raise InputError(run_dir, "not a finished `contraseg finetune` run directory")
     return load_config(FinetuneRun, path)
