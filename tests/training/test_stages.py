@@ -232,3 +232,15 @@ def test_a_split_naming_missing_cases_lists_them(phantom_root, tmp_path, capsys)
     assert code == 2
     assert len(err.splitlines()) == 1
     assert "acdc.json" in err and "patient071" in err
+
+
+def test_bad_input_writes_no_run_directory_and_a_failed_start_can_be_retried(
+    tiny_config, tmp_path, stage_runs
+):
+    out = tmp_path / "local"
+    with pytest.raises(InputError):
+        run_pretrain_local(tiny_config(PretrainLocalRun, f"encoder={tmp_path / 'no'}"), out)
+    assert not out.exists()
+    # the corrected command (another config) starts in that directory without --fresh
+    fixed = tiny_config(PretrainLocalRun, "optim.iterations=1", f"encoder={stage_runs[0]}")
+    assert run_pretrain_local(fixed, out) == out

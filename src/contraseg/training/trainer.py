@@ -119,7 +119,9 @@ class Trainer:
     def run(self, fresh: bool = False) -> Path:
         """Train to ``config.optim.iterations`` (resuming if possible); return the run dir."""
         self._prepare_run_dir(fresh)
-        self.setup()
+        self.setup()  # bad input fails here, before the run directory is written to
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_module.save_config(self.config, self.run_dir / "config.yaml")
         self.model.to(self.device)
         if self.checkpoint_path.exists():
             self._restore(load_checkpoint(self.checkpoint_path))
@@ -198,17 +200,19 @@ class Trainer:
     # ---- run directory and checkpoints ----------------------------------------------------
 
     def _prepare_run_dir(self, fresh: bool) -> None:
-        config_path = self.run_dir / "config.yaml"
+        """``--fresh``: clear the run directory; else refuse to resume under another config.
+
+        Without a checkpoint there is nothing to resume, so a directory left by a run that
+        failed before its first checkpoint is simply reused.
+        """
         if fresh and self.run_dir.exists():
-            for name in ("checkpoints", "tensorboard"):
+            for name in ("checkpoints", "tensorboard", "evaluation"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             for path in self.run_dir.glob("*"):
                 if path.is_file():
                     path.unlink()
-        elif config_path.exists():
-            self._check_same_config(config_path)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_module.save_config(self.config, config_path)
+        elif self.checkpoint_path.exists():
+            self._check_same_config(self.run_dir / "config.yaml")
 
     def _check_same_config(self, config_path: Path) -> None:
         previous = config_module.load_config(type(self.config), config_path)
