@@ -119,24 +119,37 @@ def _interrupt_at(monkeypatch, cls, iteration):
     monkeypatch.setattr(cls, "compute_loss", compute_loss)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path, monkeypatch):
-    overrides = ("optim.iterations=6", "optim.checkpoint_every=2", "loss.volumes_per_batch=2")
-    config = tiny_config(PretrainGlobalRun, *overrides)
-    straight = run_pretrain_global(config, tmp_path / "straight")
+RESUMABLE = {
+    "pretrain-global": (
+        PretrainGlobalRun, GlobalPretrainer, run_pretrain_global, ("loss.volumes_per_batch=2",)
+    ),
+    "finetune": (
+        FinetuneRun, Finetuner, run_finetune, ("optim.batch_size=4", "finetune.val_every=3")
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", RESUMABLE)
+def test_resume_after_interruption_gives_the_same_weights(
+    tiny_config, tmp_path, monkeypatch, stage
+):
+    run_class, trainer_class, run, extra = RESUMABLE[stage]
+    config = tiny_config(run_class, "optim.iterations=6", "optim.checkpoint_every=2", *extra)
+    straight = run(config, tmp_path / "straight")
 
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, GlobalPretrainer, 4)
+        _interrupt_at(patch, trainer_class, 5)
         with pytest.raises(KeyboardInterrupt):
-            run_pretrain_global(config, tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["iteration"] == 2
-    resumed = run_pretrain_global(config, tmp_path / "resumed")
+            run(config, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["iteration"] == 4
+    resumed = run(config, tmp_path / "resumed")
 
     a = load_weights(straight / "weights.safetensors")
     b = load_weights(resumed / "weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [r["iteration"] for r in _metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert _metrics(resumed) == _metrics(straight)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
