@@ -14,6 +14,7 @@ from contraseg.training.checkpoint import load_checkpoint, load_weights
 from contraseg.training.stages import (
     Finetuner,
     GlobalPretrainer,
+    LocalPretrainer,
     run_finetune,
     run_pretrain_global,
     run_pretrain_local,
@@ -123,6 +124,10 @@ RESUMABLE = {
     "pretrain-global": (
         PretrainGlobalRun, GlobalPretrainer, run_pretrain_global, ("loss.volumes_per_batch=2",)
     ),
+    "pretrain-local": (
+        PretrainLocalRun, LocalPretrainer, run_pretrain_local,
+        ("loss.strategy=LD", "loss.volumes_per_batch=2"),
+    ),
     "finetune": (
         FinetuneRun, Finetuner, run_finetune, ("optim.batch_size=4", "finetune.val_every=3")
     ),
@@ -131,9 +136,11 @@ RESUMABLE = {
 
 @pytest.mark.parametrize("stage", RESUMABLE)
 def test_resume_after_interruption_gives_the_same_weights(
-    tiny_config, tmp_path, monkeypatch, stage
+    tiny_config, tmp_path, monkeypatch, stage_runs, stage
 ):
     run_class, trainer_class, run, extra = RESUMABLE[stage]
+    if stage == "pretrain-local":
+        extra = (*extra, f"encoder={stage_runs[0]}")
     config = tiny_config(run_class, "optim.iterations=6", "optim.checkpoint_every=2", *extra)
     straight = run(config, tmp_path / "straight")
 

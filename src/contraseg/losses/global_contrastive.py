@@ -125,7 +125,8 @@ def global_contrastive_loss(
         neg_lse = torch.logsumexp(sim.masked_fill(~negatives, -math.inf), dim=1)
         anchor, positive = positives.nonzero(as_tuple=True)
         s_ap = sim[anchor, positive]
-        return (torch.logaddexp(s_ap, neg_lse[anchor]) - s_ap).mean()
+        # index_select: anchors repeat, and its backward is reproducible on the CPU
+        return (torch.logaddexp(s_ap, neg_lse.index_select(0, anchor)) - s_ap).mean()
 
 
 def global_chance_level(

@@ -137,9 +137,13 @@ def local_contrastive_loss(
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         unit = F.normalize(embeddings.to(dtype), dim=2)
+        # index_select, not ``unit[first]``: the ids repeat, and the backward of advanced
+        # indexing accumulates repeats in a thread-dependent order on the CPU (not bitwise
+        # reproducible), while index_select's backward is.
         own = unit @ unit.transpose(1, 2) / temperature  # (B, R, R) within each map
-        cross = unit[first] @ unit[second].transpose(1, 2) / temperature  # (P, R, R): a vs b
-        own = own[first]  # (P, R, R): a vs a
+        unit_a, unit_b = unit.index_select(0, first), unit.index_select(0, second)
+        cross = unit_a @ unit_b.transpose(1, 2) / temperature  # (P, R, R): a vs b
+        own = own.index_select(0, first)  # (P, R, R): a vs a
         if neg_index is None:
             # Row u of ``cross`` holds the positive (column u) and the negatives of map b;
             # row u of ``own`` the negatives of map a once the anchor itself is masked out.
