@@ -217,6 +217,25 @@ def expect_error(
     return errors[0]
 
 
+def set_voxel(path: Path, index: tuple[int, int, int], value: float) -> None:
+    """Rewrite one voxel of a NIfTI file in place, keeping its affine (to damage fixtures)."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).copy()
+    data[index] = value
+    write_nifti(path, data, img.affine)
+
+
+def assert_split_ids_exist(reader, root: Path, dataset: str) -> None:
+    """Every case the packaged split of ``dataset`` names is one the reader lists."""
+    from contraseg.data.splits import get_split
+
+    ids = [c.case_id for c in reader.list_cases(root)]
+    split = get_split(dataset, ids)
+    named = [*split.pretrain, *split.test]
+    named += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
+    split.check_available(ids, named)
+
+
 def train_and_evaluate(out: Path, overrides: Sequence[str], *global_overrides: str):
     """A two-iteration stage 1, fine-tuning from its encoder, and the test-set evaluation."""
     from contraseg.config import FinetuneRun, PretrainGlobalRun, load_config
@@ -254,5 +273,7 @@ def fx() -> types.SimpleNamespace:
         prepare_and_sample=prepare_and_sample,
         expect_error=expect_error,
         train_and_evaluate=train_and_evaluate,
+        set_voxel=set_voxel,
+        assert_split_ids_exist=assert_split_ids_exist,
         MMWHS_RAW=MMWHS_RAW,
     )

@@ -10,7 +10,6 @@ from nibabel.affines import apply_affine
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
 from contraseg.data.readers.mmwhs import map_labels
-from contraseg.data.splits import get_split
 from contraseg.errors import InputError
 
 
@@ -73,10 +72,7 @@ def test_oblique_coronal_volume_becomes_axial_ras(tmp_path, fx):
 def test_unknown_label_value_is_named(tmp_path, fx):
     root = fx.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
     path = root / "mr_train_1001_label.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 421
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (0, 0, 0), 421)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"label values \[421\]") as err:
         reader.load(reader.list_cases(root)[0])
@@ -109,19 +105,12 @@ def test_prepare_and_sample(tmp_path, capsys, fx):
 
 def test_case_ids_match_the_packaged_split(tmp_path, fx):
     root = fx.write_mmwhs(tmp_path / "mr_train", numbers=range(1001, 1021), shape=(4, 4, 3))
-    ids = [c.case_id for c in _reader(root).list_cases(root)]
-    split = get_split("mmwhs", ids)
-    named = [*split.pretrain, *split.test]
-    named += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
-    split.check_available(ids, named)
+    fx.assert_split_ids_exist(_reader(root), root, "mmwhs")
 
 
 def _unknown_label(root, fx):
     path = root / "mr_train_1002_label.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[2, 2, 2] = 421
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (2, 2, 2), 421)
     return "mr_train_1002_label.nii.gz: label values [421]"
 
 
@@ -144,10 +133,7 @@ def _label_of_another_grid(root, fx):
 
 def _nan_image(root, fx):
     path = root / "mr_train_1003_image.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = np.nan
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (0, 0, 0), np.nan)
     return "mr_train_1003_image.nii.gz: 1 voxels are NaN"
 
 

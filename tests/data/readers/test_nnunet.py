@@ -118,10 +118,7 @@ def test_missing_and_unexpected_files(tmp_path, fx):
 def test_undeclared_label_and_affine_mismatch(tmp_path, fx):
     root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", test=())
     path = root / "labelsTr" / "case_000.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 7
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (0, 0, 0), 7)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"\[7\] are not declared in dataset.json") as err:
         reader.load(reader.list_cases(root)[0])
@@ -241,10 +238,7 @@ def _no_labels_key(root, fx):
 
 def _undeclared_value(root, fx):
     path = root / "labelsTr" / "case_002.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[3, 3, 2] = 3
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (3, 3, 2), 3)
     return "labelsTr/case_002.nii.gz: label values [3] are not declared in dataset.json"
 
 

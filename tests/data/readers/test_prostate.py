@@ -10,7 +10,6 @@ import pytest
 
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
-from contraseg.data.splits import get_split
 from contraseg.errors import InputError
 
 
@@ -60,10 +59,7 @@ def test_channel_out_of_range(tmp_path, fx):
 def test_label_value_not_declared(tmp_path, fx):
     root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     path = root / "labelsTr" / "prostate_00.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 3
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (0, 0, 0), 3)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"\[3\] are not declared in dataset.json"):
         reader.load(reader.list_cases(root)[0])
@@ -118,11 +114,7 @@ def test_case_ids_match_the_packaged_split(tmp_path, fx):
     numbers = [0, 1, 2, 4, 6, 7, 10, 13, 14, 16, 17, 18, 20, 21, 24, 25, 28, 29, 31, 32, 34, 35]
     numbers += [37, 38, 39, 40, 41, 42, 43, 44, 46, 47]
     root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=numbers, shape=(4, 4, 2))
-    ids = [c.case_id for c in _reader(root).list_cases(root)]
-    split = get_split("prostate", ids)
-    named = [*split.pretrain, *split.test]
-    named += [c for s in split.labelled.values() for c in (*s.train, *s.val)]
-    split.check_available(ids, named)
+    fx.assert_split_ids_exist(_reader(root), root, "prostate")
 
 
 def _break_json(root, fx):
@@ -139,10 +131,7 @@ def _drop_training_key(root, fx):
 
 def _undeclared_label(root, fx):
     path = root / "labelsTr" / "prostate_01.nii.gz"
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj).copy()
-    data[1, 1, 1] = 4
-    fx.write_nifti(path, data, img.affine)
+    fx.set_voxel(path, (1, 1, 1), 4)
     return "labelsTr/prostate_01.nii.gz: label values [4] are not declared in dataset.json"
 
 
