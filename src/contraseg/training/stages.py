@@ -82,11 +82,23 @@ def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
     )
 
 
-def load_run_weights(run_dir: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """The ``weights.safetensors`` of an earlier stage's run directory."""
+def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = False) -> list[str]:
+    """Copy ``e`` (and with ``decoder`` the blocks ``d_l``) from an earlier stage's
+    ``weights.safetensors`` into ``unet``; return the loaded keys. A missing run, missing
+    parts or mismatched shapes are an :class:`InputError` naming the file."""
     if not run_dir:
         raise InputError(None, f"{what}: no run directory given")
-    return load_weights(Path(run_dir) / "weights.safetensors")
+    source = Path(run_dir) / "weights.safetensors"
+    prefixes = ("encoder.", "decoder.") if decoder else ("encoder.",)
+    state = {k: v for k, v in load_weights(source).items() if k.startswith(prefixes)}
+    if not any(k.startswith("encoder.") for k in state):
+        raise InputError(source, "holds no encoder weights")
+    if decoder and not any(k.startswith("decoder.") for k in state):
+        raise InputError(source, "holds no decoder blocks: give a pretrain-local run")
+    try:
+        return load_partial(unet, state)
+    except ValueError as err:
+        raise InputError(source, str(err)) from None
 
 
 def pretraining_sampler(
@@ -114,10 +126,6 @@ def pretraining_sampler(
     except ValueError as err:
         raise InputError(None, f"loss.volumes_per_batch: {err}") from None
     return sampler, volumes
-
-
-def _select(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -199,13 +207,7 @@ class LocalPretrainer(Trainer):
             prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size, self.rng
         )
         self.unet = build_unet(cfg.model, prepared)
-        encoder = _select(load_run_weights(cfg.encoder, "encoder"), ("encoder.",))
-        if not encoder:
-            raise InputError(Path(cfg.encoder) / "weights.safetensors", "holds no encoder weights")
-        try:
-            load_partial(self.unet, encoder)
-        except ValueError as err:
-            raise InputError(Path(cfg.encoder) / "weights.safetensors", str(err)) from None
+        load_pretrained(self.unet, cfg.encoder, "encoder")
         self.unet.encoder.requires_grad_(False)
 
         blocks = loss_cfg.decoder_blocks
@@ -291,20 +293,8 @@ class Finetuner(Trainer):
         ft = self.config.finetune
         if ft.init == "random":
             return []
-        weights = load_run_weights(ft.pretrained, f"finetune.init={ft.init}")
-        prefixes: tuple[str, ...] = ("encoder.",)
-        if ft.init == "encoder+decoder":
-            prefixes = ("encoder.", "decoder.")
-        state = _select(weights, prefixes)
-        source = Path(ft.pretrained) / "weights.safetensors"
-        if ft.init == "encoder+decoder" and not _select(state, ("decoder.",)):
-            raise InputError(source, "holds no decoder blocks: give a pretrain-local run")
-        if not state:
-            raise InputError(source, "holds no encoder weights")
-        try:
-            return load_partial(self.unet, state)
-        except ValueError as err:
-            raise InputError(source, str(err)) from None
+        what = f"finetune.init={ft.init}"
+        return load_pretrained(self.unet, ft.pretrained, what, ft.init == "encoder+decoder")
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = self.sampler.sample()
