@@ -71,7 +71,9 @@ def test_optional_values_accept_null():
 
 
 def test_saved_config_loads_back_identical(tmp_path):
-    config = load_config(FinetuneRun, overrides=["finetune.init=encoder", "seed=3"])
+    config = load_config(
+        FinetuneRun, overrides=["finetune.init=encoder", "finetune.pretrained=runs/g", "seed=3"]
+    )
     save_config(config, tmp_path / "config.yaml")
     assert load_config(FinetuneRun, tmp_path / "config.yaml") == config
 

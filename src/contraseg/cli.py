@@ -1,30 +1,42 @@
 """The ``contraseg`` command line: parse arguments, call the library, print.
 
 Bad input raises :class:`contraseg.errors.InputError` anywhere in the library; here it becomes
-one line on stderr and exit status 2 (a traceback only with ``--debug``).
+one line on stderr and exit status 2 (a traceback only with ``--debug``). Output folders are
+checked (:func:`contraseg.fileio.check_out_dir`) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from contraseg import __version__
 from contraseg.errors import InputError, TrainingError
+from contraseg.fileio import check_out_dir
+
+# a command's handler; it may return an exit status (None is 0)
+Handler = Callable[[argparse.Namespace], int | None]
+DEVICES = "auto, cpu, cuda or cuda:N (default auto: CUDA when available)"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (defaults are used without)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optim.lr=3e-4 (`contraseg config show STAGE` lists the keys)",
     )
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
-    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--device", default="auto", help=DEVICES)
     parser.add_argument(
         "--fresh",
         action="store_true",
@@ -35,57 +47,99 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 def _cmd_phantom(args: argparse.Namespace) -> None:
     from contraseg.data.phantom import write_phantom_dataset
 
-    write_phantom_dataset(args.out, volumes=args.volumes, size=args.size, seed=args.seed)
-    print(f"wrote {args.volumes} phantom volumes to {args.out}")
+    out = check_out_dir(args.out)
+    write_phantom_dataset(out, volumes=args.volumes, size=args.size, seed=args.seed)
+    print(f"wrote {args.volumes} phantom volumes to {out}")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from contraseg.config import DataConfig, load_config
+    from contraseg.config import PrepareRun, load_config
     from contraseg.data.cache import prepare_dataset
 
-    overrides = [f"dataset={args.dataset}", f"root={args.root}", *args.overrides]
+    shortcuts = [
+        f"data.{key}={value}"
+        for key, value in (("dataset", args.dataset), ("root", args.root), ("cache", args.cache))
+        if value is not None
+    ]
     if args.cache is not None:
-        overrides.append(f"cache={args.cache}")
-    data_config = load_config(DataConfig, args.config, overrides)
-    prepared = prepare_dataset(data_config)
-    print(prepared.summary())
+        check_out_dir(args.cache, "--cache")
+    config = load_config(PrepareRun, args.config, [*shortcuts, *args.overrides], sections=("data",))
+    print(prepare_dataset(config.data).summary())
 
 
-def _cmd_pretrain_global(args: argparse.Namespace) -> None:
-    from contraseg.config import PretrainGlobalRun, load_config
-    from contraseg.training.stages import run_pretrain_global
+def _run_stage(args: argparse.Namespace, stage: str) -> None:
+    from contraseg.config import RUN_CLASSES, load_config
+    from contraseg.training import stages
 
-    config = load_config(PretrainGlobalRun, args.config, args.overrides)
-    run_pretrain_global(config, args.out, device=args.device, fresh=args.fresh)
-
-
-def _cmd_pretrain_local(args: argparse.Namespace) -> None:
-    from contraseg.config import PretrainLocalRun, load_config
-    from contraseg.training.stages import run_pretrain_local
-
-    config = load_config(PretrainLocalRun, args.config, args.overrides)
-    run_pretrain_local(config, args.out, device=args.device, fresh=args.fresh)
-
-
-def _cmd_finetune(args: argparse.Namespace) -> None:
-    from contraseg.config import FinetuneRun, load_config
-    from contraseg.training.stages import run_finetune
-
-    config = load_config(FinetuneRun, args.config, args.overrides)
-    run_finetune(config, args.out, device=args.device, fresh=args.fresh)
+    out = check_out_dir(args.out)
+    config = load_config(RUN_CLASSES[stage], args.config, args.overrides)
+    runner = {
+        "pretrain-global": stages.run_pretrain_global,
+        "pretrain-local": stages.run_pretrain_local,
+        "finetune": stages.run_finetune,
+    }[stage]
+    runner(config, out, device=args.device, fresh=args.fresh)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from contraseg.evaluation.evaluate import evaluate_run
+    from contraseg.evaluation.evaluate import evaluate_folders, evaluate_run
 
-    summary = evaluate_run(args.run, device=args.device)
+    out = None if args.out is None else check_out_dir(args.out)
+    if args.run is not None:
+        if args.pred is not None or args.ref is not None:
+            raise InputError(None, "give either --run or --pred and --ref, not both")
+        summary = evaluate_run(args.run, device=args.device, out_dir=out)
+        where = out or Path(args.run) / "evaluation"
+    else:
+        if args.pred is None or args.ref is None:
+            raise InputError(None, "give --run RUN, or --pred DIR and --ref DIR")
+        summary = evaluate_folders(Path(args.pred), Path(args.ref), args.labels, out)
+        where = out or Path(args.pred) / "evaluation"
     print(summary.format_table())
+    print(f"tables in {where}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from contraseg.inference import Segmenter, predict_to_folder
+
+    out = check_out_dir(args.output, "--output")
+    segmenter = Segmenter.from_pretrained(
+        args.model, device=args.device, tta=args.tta, batch_size=args.batch_size
+    )
+    report = predict_to_folder(
+        segmenter, Path(args.input), out, args.overwrite, args.save_probabilities
+    )
+    for error in report.failed:
+        print(f"contraseg: error: {error}", file=sys.stderr)
+    summary = f"{len(report.written)} label maps written to {out}"
+    if report.skipped:
+        summary += f", {len(report.skipped)} existing kept (--overwrite replaces them)"
+    if report.failed:
+        summary += f", {len(report.failed)} inputs failed"
+    print(summary)
+    return 2 if report.failed else 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from contraseg.config import RUN_CLASSES, describe, load_config, to_dict
+
+    cls = RUN_CLASSES[args.stage]
+    if args.config is None and not args.overrides:
+        rows = describe(cls)
+        width = max(len(key) for key, *_ in rows) + 2
+        for key, type_name, default, help_text in rows:
+            print(f"{key:<{width}}{type_name}  (default {default!r})\n{'':<{width}}{help_text}")
+        return
+    config = load_config(cls, args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from contraseg.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, device=args.device)
+    run_demo(check_out_dir(args.out), quick=args.quick, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="contraseg",
         description="Global and local contrastive pre-training for segmentation with few labels.",
     )
+    parser.add_argument("--version", action="version", version=f"contraseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     # --debug is accepted after the command too; SUPPRESS keeps it from resetting the top one
     debug = argparse.ArgumentParser(add_help=False)
@@ -101,48 +156,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], None], text: str):
-        p = sub.add_parser(name, help=text, description=text, parents=[debug])
+    def command(
+        name: str, handler: Handler, text: str, where: Any = sub
+    ) -> argparse.ArgumentParser:
+        p = where.add_parser(name, help=text, description=text, parents=[debug])
         p.set_defaults(handler=handler)
         return p
 
     p = command("phantom", _cmd_phantom, "Generate the cardiac phantom dataset in ACDC's layout.")
-    p.add_argument("--out", type=Path, required=True, help="folder to write patientXXX/ into")
+    p.add_argument("--out", required=True, help="folder to write patientXXX/ into")
     p.add_argument("--volumes", type=int, default=100, help="number of volumes (default 100)")
     p.add_argument("--size", type=int, default=96, help="in-plane size in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
 
-    p = command("prepare", _cmd_prepare, "Preprocess a dataset into the .npy cache.")
-    p.add_argument(
-        "--dataset",
-        required=True,
-        choices=["acdc", "phantom", "prostate", "mmwhs", "nnunet", "cityscapes"],
+    p = command(
+        "prepare",
+        _cmd_prepare,
+        "Preprocess a dataset into the .npy cache (the data.* keys of the training commands).",
     )
-    p.add_argument("--root", type=Path, required=True, help="dataset folder")
-    p.add_argument("--cache", type=Path, help="cache folder (default: ROOT/.contraseg-cache)")
+    p.add_argument("--dataset", help="shortcut for data.dataset=")
+    p.add_argument("--root", help="shortcut for data.root= (the dataset folder)")
+    p.add_argument("--cache", help="shortcut for data.cache= (default ROOT/.contraseg-cache)")
     _add_config_args(p)
 
-    p = command(
-        "pretrain-global", _cmd_pretrain_global, "Stage 1: encoder + g1 with the global loss."
-    )
-    _add_run_args(p)
-    p = command(
-        "pretrain-local",
-        _cmd_pretrain_local,
-        "Stage 2: decoder blocks d_l + g2 with the local loss, encoder frozen.",
-    )
-    _add_run_args(p)
-    p = command("finetune", _cmd_finetune, "Stage 3: fine-tune the whole UNet on labelled volumes.")
-    _add_run_args(p)
+    for name, text in (
+        ("pretrain-global", "Stage 1: encoder + g1 with the global loss."),
+        ("pretrain-local", "Stage 2: decoder blocks d_l + g2 with the local loss, encoder frozen."),
+        ("finetune", "Stage 3: fine-tune the whole UNet on labelled volumes."),
+    ):
+        p = command(name, functools.partial(_run_stage, stage=name), text)
+        _add_run_args(p)
 
-    p = command("evaluate", _cmd_evaluate, "Test-set 3-D Dice and HD95 of a fine-tuned run.")
-    p.add_argument("--run", type=Path, required=True, help="run directory of a finetune run")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p = command(
+        "predict",
+        _cmd_predict,
+        "Segment new scans with a trained model (a finished finetune run or its bundle folder).",
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        required=True,
+        help="model folder (model.json + weights.safetensors); repeat to ensemble",
+    )
+    p.add_argument(
+        "-i", "--input", required=True, help="a .nii/.nii.gz file, a folder of them, or imagesTs"
+    )
+    p.add_argument("-o", "--output", required=True, help="folder for the label maps")
+    p.add_argument("--tta", action="store_true", help="average over in-plane flips")
+    p.add_argument(
+        "--save-probabilities", action="store_true", help="also write {case}.npz (float16)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICES)
+
+    p = command(
+        "evaluate",
+        _cmd_evaluate,
+        "3-D Dice and HD95: a finetune run on its test split, or a prediction folder against "
+        "a reference folder.",
+    )
+    p.add_argument("--run", help="run directory of a finished finetune run")
+    p.add_argument("--pred", help="folder of predicted label maps")
+    p.add_argument("--ref", help="folder of reference label maps (matched by case name)")
+    p.add_argument("--labels", type=Path, help="dataset.json or model folder naming the classes")
+    p.add_argument("--out", help="folder for the tables (default RUN/ or PRED/evaluation)")
+    p.add_argument("--device", default="auto", help=DEVICES)
+
+    text = "Show the config keys of a command."
+    p = sub.add_parser("config", help=text, description=text, parents=[debug])
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = command(
+        "show",
+        _cmd_config_show,
+        "Every key with type, default and help; with --config or key=value, the resolved config.",
+        where=config_sub,
+    )
+    show.add_argument("stage", choices=["prepare", "pretrain-global", "pretrain-local", "finetune"])
+    _add_config_args(show)
 
     p = command("demo", _cmd_demo, "The whole method end to end on the embedded phantom.")
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="smaller and shorter (about 2 minutes)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", default="auto", help=DEVICES)
     return parser
 
 
@@ -150,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args)
     except InputError as err:
         if args.debug:
             raise
@@ -164,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("contraseg: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

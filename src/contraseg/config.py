@@ -3,15 +3,24 @@
 Every command reads one of the ``*Run`` dataclasses below. A YAML file and command-line
 overrides are merged onto the defaults; an unknown or misspelt key is an :class:`InputError`
 that names the key and suggests the closest valid one, a value of the wrong type names the key
-and the expected type. The resolved config is written as ``config.yaml`` in every run directory.
+and the expected type. Every field is declared with :func:`option`, which carries its one-line
+help (``contraseg config show``) and the rule its value must satisfy (range, length, order,
+multiple of, which datasets use it); :func:`validate` checks every rule when a config is loaded,
+so a bad value is refused before a run directory is created (docs/reliability.md). The resolved
+config, with absolute paths and only the keys its dataset uses, is written as ``config.yaml`` in
+every run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -21,70 +30,242 @@ import yaml
 from contraseg import fileio
 from contraseg.errors import InputError
 
+__all__ = [
+    "RUN_CLASSES",
+    "DataConfig",
+    "FinetuneAugmentConfig",
+    "FinetuneConfig",
+    "FinetuneRun",
+    "GlobalLossConfig",
+    "LocalLossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PrepareRun",
+    "PretrainAugmentConfig",
+    "PretrainGlobalRun",
+    "PretrainLocalRun",
+    "describe",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+    "to_dict",
+    "validate",
+]
+
+# Every integer a config may hold fits a signed 64-bit integer (torch and numpy need it).
+INT64 = (-(2**63), 2**63 - 1)
+SEED_MAX = 2**32 - 2  # numpy and torch seeds; the trainer also uses seed + 1
+ITERATIONS_MAX = 10**9
+BATCH_MAX = 4096
+SIZE_MAX = 4096  # in-plane pixels per axis
+DIVISOR = 32  # the UNet halves its input five times
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field's value must satisfy; the message of a violation names the key."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # value > low instead of >= low
+    length: tuple[int, int] | None = None  # allowed list lengths, inclusive
+    ordered: Literal["", "increasing", "non-decreasing"] = ""
+    unique: bool = False
+    multiple_of: int | None = None
+    axes: int | None = None  # a scalar means the same value on each of this many axes
+    path: bool = False  # a file or folder: stored absolute
+    readers: tuple[str, ...] = ()  # the datasets that use this key; empty: every dataset
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Callable[[], Any] | None = None,
+    **rule: Any,
+) -> Any:
+    """A dataclass field with its help text and :class:`Rule` in the field's metadata."""
+    metadata = {"help": help, "rule": Rule(**rule)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections shared by several stages
+
+Dataset = Literal["acdc", "phantom", "prostate", "mmwhs", "nnunet", "cityscapes"]
+DATASETS: tuple[str, ...] = get_args(Dataset)
+GENERATED_SPLITS = ("phantom", "nnunet", "cityscapes")
 
 
 @dataclass
 class DataConfig:
     """Which dataset, where, and how it is preprocessed (see ``contraseg.data.preprocess``)."""
 
-    dataset: Literal["acdc", "phantom", "prostate", "mmwhs", "nnunet", "cityscapes"] = "phantom"
-    root: str = "data/phantom"
-    cache: str = ""  # empty: <root>/.contraseg-cache
-    target_spacing: list[float] | None = None  # in-plane mm; None: the reader's default
-    size: list[int] | None = None  # in-plane crop/pad size; None: the reader's default
-    n4: bool = False  # N4 bias correction (the paper's setting; slow, cached)
-    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
-    frames: list[str] = field(default_factory=lambda: ["ED"])  # ACDC: ED, ES or both
-    channel: int | None = 0  # which channel of a 4-D image (MSD prostate: 0 = T2)
-    split_seed: int = 0  # for datasets whose split is generated (phantom, nnU-Net)
+    dataset: Dataset = option("phantom", help="reader of the dataset's layout (docs/datasets.md)")
+    root: str = option("data/phantom", help="dataset folder", path=True)
+    cache: str = option(
+        "", help="folder of preprocessed arrays; empty: <root>/.contraseg-cache", path=True
+    )
+    target_spacing: list[float] | None = option(
+        None,
+        help="in-plane spacing in mm after resampling (one value: both axes); null: the reader's",
+        low=0.0,
+        low_open=True,
+        high=1000.0,
+        length=(2, 2),
+        axes=2,
+    )
+    size: list[int] | None = option(
+        None,
+        help="in-plane crop/pad size in pixels, multiples of 32 (one value: both); null: reader's",
+        low=DIVISOR,
+        high=SIZE_MAX,
+        multiple_of=DIVISOR,
+        length=(2, 2),
+        axes=2,
+    )
+    n4: bool = option(False, help="N4 bias correction before normalising (paper: on; slow, cached)")
+    percentiles: list[float] = option(
+        help="intensity percentiles mapped to 0 and 1, per volume and channel",
+        factory=lambda: [1.0, 99.0],
+        low=0.0,
+        high=100.0,
+        length=(2, 2),
+        ordered="increasing",
+    )
+    frames: list[Literal["ED", "ES"]] = option(
+        help="cardiac frames to read: [ED], [ES] or [ED, ES]",
+        factory=lambda: ["ED"],
+        length=(1, 2),
+        unique=True,
+        readers=("acdc", "phantom"),
+    )
+    channel: int | None = option(
+        0,
+        help="channel of a 4-D image to keep (0 = T2); null: a 4-D image is an error",
+        low=0,
+        high=63,
+        readers=("prostate",),
+    )
+    split_seed: int = option(
+        0,
+        help="seed of a generated split (datasets without the paper's packaged split)",
+        low=0,
+        high=SEED_MAX,
+        readers=GENERATED_SPLITS,
+    )
 
 
 @dataclass
 class ModelConfig:
-    """UNet and heads (method_spec section 2). ``num_classes``/``in_channels`` 0: from data."""
+    """UNet and heads (method_spec section 2)."""
 
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128, 128])
-    in_channels: int = 0
-    num_classes: int = 0
-    g1_hidden: int = 1024
-    g1_out: int = 128
-    g2_out: int = 128  # dimension of a local region embedding after the shared dense layer
-    g2_project: bool = True  # the official ``wgt_en``: flatten KxK regions, shared dense -> g2_out
+    widths: list[int] = option(
+        help="channels of the six encoder blocks (the decoder mirrors them)",
+        factory=lambda: [16, 32, 64, 128, 128, 128],
+        low=1,
+        high=2048,
+        length=(6, 6),
+    )
+    in_channels: int = option(0, help="input channels; 0: from the dataset", low=0, high=64)
+    num_classes: int = option(
+        0, help="classes including background; 0: from the dataset", low=0, high=1024
+    )
+    g1_hidden: int = option(1024, help="hidden units of the global head g1", low=1, high=65536)
+    g1_out: int = option(128, help="output dimension of g1", low=1, high=65536)
+    g2_out: int = option(128, help="dimension of a local region embedding (g2)", low=1, high=65536)
+    g2_project: bool = option(
+        True, help="flatten K x K regions and project them by a shared dense layer (official)"
+    )
+
+    def check(self) -> None:
+        if self.num_classes == 1:
+            raise InputError("num_classes", "must be 0 (from the dataset) or at least 2, got 1")
 
 
 @dataclass
 class OptimConfig:
-    iterations: int = 10000
-    lr: float = 1e-3
-    batch_size: int = 12
-    checkpoint_every: int = 500
-    log_every: int = 10
+    """Adam and the loop's rhythm."""
+
+    iterations: int = option(10000, help="training iterations", low=1, high=ITERATIONS_MAX)
+    lr: float = option(1e-3, help="Adam learning rate", low=0.0, low_open=True, high=10.0)
+    batch_size: int = option(
+        12, help="images per batch where the stage draws random slices", low=1, high=BATCH_MAX
+    )
+    checkpoint_every: int = option(
+        500,
+        help="iterations between checkpoints (capped at the run's length)",
+        low=1,
+        high=ITERATIONS_MAX,
+    )
+    log_every: int = option(
+        10, help="iterations between lines of metrics.jsonl", low=1, high=ITERATIONS_MAX
+    )
 
 
 @dataclass
 class PretrainAugmentConfig:
     """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3)."""
 
-    crop_fraction: list[float] = field(default_factory=lambda: [0.5, 0.6])  # side of the crop
-    brightness: float = 0.3
-    contrast: list[float] = field(default_factory=lambda: [0.7, 1.3])
-    clip: list[float] = field(default_factory=lambda: [0.0, 1.5])
+    crop_fraction: list[float] = option(
+        help="range of the crop's side as a fraction of the image side",
+        factory=lambda: [0.5, 0.6],
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        length=(2, 2),
+        ordered="non-decreasing",
+    )
+    brightness: float = option(
+        0.3, help="brightness offsets drawn from U(-b, b)", low=0.0, high=100.0
+    )
+    contrast: list[float] = option(
+        help="range of the contrast factor",
+        factory=lambda: [0.7, 1.3],
+        low=0.0,
+        low_open=True,
+        high=100.0,
+        length=(2, 2),
+        ordered="non-decreasing",
+    )
+    clip: list[float] = option(
+        help="intensities are clipped to [low, high] after the intensity transform",
+        factory=lambda: [0.0, 1.5],
+        low=-1e6,
+        high=1e6,
+        length=(2, 2),
+        ordered="increasing",
+    )
 
 
 @dataclass
 class FinetuneAugmentConfig:
     """Geometric augmentation of image and label together (method_spec 6.2)."""
 
-    enabled: bool = True
-    rotation_deg: float = 15.0
-    scale: list[float] = field(default_factory=lambda: [0.95, 1.05])
-    flip_prob: float = 0.5
-    rot45: bool = True
-    elastic_sigma_px: float = 5.0
-    elastic_grid: int = 3
-    elastic_prob: float = 0.5
+    enabled: bool = option(True, help="augment the labelled slices")
+    rotation_deg: float = option(
+        15.0, help="largest rotation in degrees (either way)", low=0.0, high=180.0
+    )
+    scale: list[float] = option(
+        help="range of the zoom factor",
+        factory=lambda: [0.95, 1.05],
+        low=0.0,
+        low_open=True,
+        high=10.0,
+        length=(2, 2),
+        ordered="non-decreasing",
+    )
+    flip_prob: float = option(0.5, help="probability of a flip", low=0.0, high=1.0)
+    rot45: bool = option(True, help="include the official 45-degree rotation option")
+    elastic_sigma_px: float = option(
+        5.0, help="std of the elastic control-point displacements in pixels", low=0.0, high=1000.0
+    )
+    elastic_grid: int = option(3, help="elastic control points per axis", low=2, high=64)
+    elastic_prob: float = option(
+        0.5, help="probability of an elastic deformation", low=0.0, high=1.0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,77 +274,162 @@ class FinetuneAugmentConfig:
 
 @dataclass
 class GlobalLossConfig:
-    strategy: Literal["GR", "GD-", "GD"] = "GD"
-    partitions: int = 4  # S
-    volumes_per_batch: int = 3  # m; the batch holds m * S images, two views each
-    temperature: float = 0.1
+    """The global contrastive loss of stage 1 (docs/training.md)."""
+
+    strategy: Literal["GR", "GD-", "GD"] = option(
+        "GD", help="positives: GR two views; GD- GR minus same-partition negatives; GD adds them"
+    )
+    partitions: int = option(4, help="partitions S along the slice axis", low=1, high=64)
+    volumes_per_batch: int = option(
+        3,
+        help="volumes m per batch; the batch holds m * S images, two views each",
+        low=1,
+        high=1024,
+    )
+    temperature: float = option(
+        0.1, help="softmax temperature of the similarities", low=0.0, low_open=True, high=100.0
+    )
 
 
 @dataclass
 class LocalLossConfig:
-    strategy: Literal["LR", "LD"] = "LR"
-    decoder_blocks: int = 3  # l
-    region_size: Literal[1, 3] = 3  # K
-    negatives: Literal["official", "all"] = "official"  # 13-region grid, 5 neighbours, or all
-    partitions: int = 4
-    volumes_per_batch: int = 3  # L^D: m volumes x S partitions
-    temperature: float = 0.1
+    """The local contrastive loss of stage 2 (docs/training.md)."""
+
+    strategy: Literal["LR", "LD"] = option(
+        "LR", help="positives: LR same region of the other view; LD also of other volumes"
+    )
+    decoder_blocks: int = option(3, help="decoder blocks l trained (d_1..d_l)", low=1, high=5)
+    region_size: Literal[1, 3] = option(3, help="side K of a local region in feature pixels")
+    negatives: Literal["official", "all"] = option(
+        "official", help="official: the 13-region grid's 5 neighbours; all: every other region"
+    )
+    partitions: int = option(4, help="partitions S (LD)", low=1, high=64)
+    volumes_per_batch: int = option(3, help="volumes m per batch (LD)", low=1, high=1024)
+    temperature: float = option(
+        0.1, help="softmax temperature of the similarities", low=0.0, low_open=True, high=100.0
+    )
 
 
 @dataclass
 class FinetuneConfig:
-    labelled_volumes: Literal[1, 2, 8] = 1
-    combination: str = "c1"
-    init: Literal["random", "encoder", "encoder+decoder"] = "random"
-    pretrained: str = ""  # run directory of pretrain-global (encoder) or pretrain-local
-    loss: Literal["dice", "dice_fg", "ce", "dice_ce"] = "dice"
-    val_every: int = 50
+    """Which labelled volumes, from which initialisation (docs/training.md)."""
+
+    labelled_volumes: Literal[1, 2, 8] = option(
+        1, help="size of the labelled set taken from the dataset's split"
+    )
+    combination: str = option("c1", help="which labelled set of that size: c1, c2, ...")
+    init: Literal["random", "encoder", "encoder+decoder"] = option(
+        "random", help="what is loaded from finetune.pretrained"
+    )
+    pretrained: str = option(
+        "", help="run directory of pretrain-global (encoder) or pretrain-local", path=True
+    )
+    loss: Literal["dice", "dice_fg", "ce", "dice_ce"] = option(
+        "dice", help="segmentation loss (docs/training.md)"
+    )
+    val_every: int = option(
+        50, help="iterations between validations (model selection)", low=1, high=ITERATIONS_MAX
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # One dataclass per command
 
+_SEED = {"help": "seed of initialisation, sampling and augmentation", "low": 0, "high": SEED_MAX}
+
+
+@dataclass
+class PrepareRun:
+    """``contraseg prepare``: the data section alone."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+
 
 @dataclass
 class PretrainGlobalRun:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: GlobalLossConfig = field(default_factory=GlobalLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: PretrainAugmentConfig = field(default_factory=PretrainAugmentConfig)
-    seed: int = 0
+    """``contraseg pretrain-global``: stage 1."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+    model: ModelConfig = option(help="network", factory=ModelConfig)
+    loss: GlobalLossConfig = option(help="global contrastive loss", factory=GlobalLossConfig)
+    optim: OptimConfig = option(help="optimiser and loop", factory=OptimConfig)
+    augment: PretrainAugmentConfig = option(
+        help="augmentation of the two views", factory=PretrainAugmentConfig
+    )
+    seed: int = option(0, **_SEED)
 
 
 @dataclass
 class PretrainLocalRun:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LocalLossConfig = field(default_factory=LocalLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: PretrainAugmentConfig = field(default_factory=PretrainAugmentConfig)
-    encoder: str = ""  # run directory of pretrain-global whose encoder is loaded and frozen
-    seed: int = 0
+    """``contraseg pretrain-local``: stage 2."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+    model: ModelConfig = option(help="network", factory=ModelConfig)
+    loss: LocalLossConfig = option(help="local contrastive loss", factory=LocalLossConfig)
+    optim: OptimConfig = option(help="optimiser and loop", factory=OptimConfig)
+    augment: PretrainAugmentConfig = option(
+        help="augmentation of the two views", factory=PretrainAugmentConfig
+    )
+    encoder: str = option(
+        "", help="run directory of pretrain-global whose encoder is loaded and frozen", path=True
+    )
+    seed: int = option(0, **_SEED)
+
+    def check(self) -> None:
+        if not self.encoder:
+            raise InputError("encoder", "required: the pretrain-global run directory to build on")
 
 
 @dataclass
 class FinetuneRun:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=20))
-    augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
-    seed: int = 0
+    """``contraseg finetune``: stage 3."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+    model: ModelConfig = option(help="network", factory=ModelConfig)
+    finetune: FinetuneConfig = option(
+        help="labelled set and initialisation", factory=FinetuneConfig
+    )
+    optim: OptimConfig = option(
+        help="optimiser and loop", factory=lambda: OptimConfig(batch_size=20)
+    )
+    augment: FinetuneAugmentConfig = option(
+        help="augmentation of labelled slices", factory=FinetuneAugmentConfig
+    )
+    seed: int = option(0, **_SEED)
+
+    def check(self) -> None:
+        ft = self.finetune
+        if ft.init != "random" and not ft.pretrained:
+            raise InputError(
+                "finetune.pretrained",
+                f"required with finetune.init={ft.init}: the pre-training run directory",
+            )
+
+
+RUN_CLASSES: dict[str, type] = {
+    "prepare": PrepareRun,
+    "pretrain-global": PretrainGlobalRun,
+    "pretrain-local": PretrainLocalRun,
+    "finetune": FinetuneRun,
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, overriding, saving
+# Loading, validating, overriding, saving
 
 C = TypeVar("C")
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
+    origin = get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
@@ -175,14 +441,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if value is None and type(None) in options:
             return None
         errors = []
-        for option in (o for o in options if o is not type(None)):
+        for option_tp in (o for o in options if o is not type(None)):
             try:
-                return _coerce(value, option, key, source)
+                return _coerce(value, option_tp, key, source)
             except InputError as err:
                 errors.append(err.problem)
         raise InputError(source, errors[0] if errors else f"'{key}' may not be null")
     if origin is Literal:
-        if value not in get_args(tp):
+        if value not in get_args(tp) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in get_args(tp)
+        ):
             raise InputError(source, f"'{key}' must be one of {_type_name(tp)}, got {value!r}")
         return value
     if origin is list:
@@ -193,11 +461,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise InputError(source, f"'{key}' must be a mapping, got {value!r}")
-        return _from_dict(tp, value, source, prefix=f"{key}.")
+        return _from_dict(tp, value, source, prefix=f"{key}.")  # type: ignore[arg-type]
     if tp is float and isinstance(value, int | str) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     if tp in (int, float) and isinstance(value, bool):
         raise InputError(source, f"'{key}' must be {tp.__name__}, got {value!r}")
@@ -206,26 +474,133 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     return value
 
 
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
+def _rule(f: dataclasses.Field) -> Rule:
+    return f.metadata.get("rule", Rule())
+
+
+def _suggest(cls: type, key: str, prefix: str = "") -> str:
+    """' (did you mean ...?)' for a misspelt key, or for a key that lives in a section."""
+    names = [f.name for f in _fields(cls)]
+    close = difflib.get_close_matches(str(key), names, n=1)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    hints = typing.get_type_hints(cls)
+    for name in names:
+        if dataclasses.is_dataclass(hints[name]) and key in {f.name for f in _fields(hints[name])}:
+            return f" (did you mean '{prefix}{name}.{key}'?)"
+    return ""
+
+
 def _from_dict(cls: type[C], values: dict[str, Any], source: str | None, prefix: str = "") -> C:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in _fields(cls)}
     for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        if key not in fields:
+            hint = _suggest(cls, key, prefix)
             raise InputError(source, f"unknown config key '{prefix}{key}'{hint}")
     base = cls()
     kwargs = {}
-    for name in names:
+    for name, f in fields.items():
         if name not in values:
             continue
+        value = values[name]
         current = getattr(base, name)
-        if dataclasses.is_dataclass(current) and isinstance(values[name], dict):
-            merged = {**dataclasses.asdict(current), **values[name]}
-            kwargs[name] = _coerce(merged, hints[name], f"{prefix}{name}", source)
-        else:
-            kwargs[name] = _coerce(values[name], hints[name], f"{prefix}{name}", source)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = {**dataclasses.asdict(current), **value}  # type: ignore[call-overload]
+        axes = _rule(f).axes
+        if axes and isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value] * axes  # a scalar where a list means "the same on every axis"
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}", source)
     return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _check_number(value: float, rule: Rule, key: str, source: str | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(source, f"'{key}' must be a finite number, got {value}")
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise InputError(source, f"'{key}' must fit a 64-bit integer, got {value}")
+    low_ok = rule.low is None or (value > rule.low if rule.low_open else value >= rule.low)
+    high_ok = rule.high is None or value <= rule.high
+    if not (low_ok and high_ok):
+        low = "-inf" if rule.low is None else _number(rule.low)
+        bracket = "(" if rule.low_open else "["
+        high = "inf" if rule.high is None else _number(rule.high)
+        raise InputError(source, f"'{key}' must lie in {bracket}{low}, {high}], got {value}")
+    if rule.multiple_of and value % rule.multiple_of:
+        raise InputError(source, f"'{key}' must be a multiple of {rule.multiple_of}, got {value}")
+
+
+def _check_value(value: Any, rule: Rule, key: str, source: str | None) -> None:
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, list):
+        if rule.length and not rule.length[0] <= len(value) <= rule.length[1]:
+            lo, hi = rule.length
+            count = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise InputError(source, f"'{key}' needs {count} values, got {value}")
+        if rule.unique and len(set(value)) != len(value):
+            raise InputError(source, f"'{key}' has repeated values: {value}")
+        for i, item in enumerate(value):
+            _check_value(item, rule, f"{key}[{i}]", source)
+        strict = rule.ordered == "increasing"
+        for a, b in itertools.pairwise(value):
+            if rule.ordered and (a >= b if strict else a > b):
+                order = "increasing" if strict else "in order (low <= high)"
+                raise InputError(source, f"'{key}' must be {order}, got {value}")
+        return
+    _check_number(value, rule, key, source)
+
+
+def validate(config: Any, source: str | None = None, prefix: str = "") -> None:
+    """Check every field of ``config`` (recursively) against its :class:`Rule`, then the
+    cross-field ``check()`` of each section; the first violation is an :class:`InputError`
+    naming the key. Keys of another dataset's reader must keep their defaults."""
+    dataset = getattr(getattr(config, "data", None), "dataset", None) or getattr(
+        config, "dataset", None
+    )
+    base = type(config)()
+    for f in _fields(type(config)):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, source, prefix=f"{key}.")
+            continue
+        rule = _rule(f)
+        _check_value(value, rule, key, source)
+        if rule.path and isinstance(value, str) and "\0" in value:
+            raise InputError(source, f"'{key}' holds a NUL character")
+        if rule.readers and dataset not in rule.readers and value != getattr(base, f.name):
+            raise InputError(
+                source,
+                f"'{key}' applies only to data.dataset {', '.join(rule.readers)}, not {dataset}",
+            )
+    check = getattr(config, "check", None)
+    if check is not None:
+        try:
+            check()
+        except InputError as err:
+            raise InputError(source, f"'{prefix}{err.path}': {err.problem}") from None
+
+
+def absolute_paths(config: C) -> C:
+    """A copy of ``config`` whose path fields are absolute (relative ones are taken from the
+    working directory now), so that a saved config works from any directory."""
+    changes: dict[str, Any] = {}
+    for f in _fields(type(config)):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif _rule(f).path and isinstance(value, str) and value:
+            changes[f.name] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -264,34 +639,77 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read config: {getattr(err, 'strerror', err)}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise InputError(path, "a config file must hold a mapping of sections")
+    return loaded or {}
+
+
 def load_config(
-    cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    sections: tuple[str, ...] | None = None,
 ) -> C:
-    """Defaults of ``cls``, then the YAML file at ``path``, then the ``key=value`` overrides."""
+    """Defaults of ``cls``, then the YAML file at ``path``, then the ``key=value`` overrides;
+    validated, with absolute paths. ``sections`` keeps only those sections of the file (so that
+    ``prepare`` can take the data section of a training config)."""
     values: dict[str, Any] = {}
     source = None
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise InputError(path, f"cannot read config: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise InputError(path, f"not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise InputError(path, "a config file must hold a mapping of sections")
-        values = loaded or {}
+        values = _read_yaml(path)
+        if sections is not None:
+            values = {k: v for k, v in values.items() if k in sections}
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
         source = source or "command line"
-    return _from_dict(cls, values, source)
+    config = _from_dict(cls, values, source)
+    validate(config, source)
+    return absolute_paths(config)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as nested dicts, without the keys that its dataset's reader does not use."""
+    dataset = getattr(getattr(config, "data", None), "dataset", None) or getattr(
+        config, "dataset", None
+    )
+    out: dict[str, Any] = {}
+    for f in _fields(type(config)):
+        value = getattr(config, f.name)
+        readers = _rule(f).readers
+        if readers and dataset not in readers:
+            continue
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def save_config(config: Any, path: str | Path) -> None:
     fileio.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) of every field of ``cls``, sections flattened with dots."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    base = cls()
+    for f in _fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{key}.")  # type: ignore[arg-type]
+            continue
+        help_text = f.metadata.get("help", "")
+        readers = _rule(f).readers
+        if readers:
+            help_text += f" [{', '.join(readers)} only]"
+        rows.append((key, _type_name(tp), getattr(base, f.name), help_text))
+    return rows

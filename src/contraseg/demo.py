@@ -38,21 +38,14 @@ from contraseg.config import (
     PretrainLocalRun,
 )
 from contraseg.data.cache import prepare_dataset
+from contraseg.data.dataset import load_dataset
 from contraseg.data.phantom import write_phantom_dataset
 from contraseg.data.readers.acdc import PhantomReader
 from contraseg.evaluation.evaluate import evaluate_run
-from contraseg.evaluation.inference import predict_probabilities
+from contraseg.inference import Segmenter, resolve_device, slice_probabilities
 from contraseg.report import figures
 from contraseg.report.markdown import write_report
-from contraseg.training.checkpoint import load_weights
-from contraseg.training.stages import (
-    build_unet,
-    load_data,
-    run_finetune,
-    run_pretrain_global,
-    run_pretrain_local,
-)
-from contraseg.training.trainer import resolve_device
+from contraseg.training.stages import run_finetune, run_pretrain_global, run_pretrain_local
 
 
 @dataclass(frozen=True)
@@ -248,20 +241,18 @@ def _draw_figures(
     rows = json.loads((out / "results.json").read_text())
     figures.dice_vs_labelled(rows, out / "figures" / "test_dice_vs_labelled.png")
 
-    prepared, split = load_data(data)
+    prepared, split = load_dataset(data)
     case = prepared.cases[split.test[0]]
     labelled = case.label if case.label is not None else np.zeros(case.image.shape[:1])
     slices = np.linspace(1, case.image.shape[0] - 2, 3).round().astype(int)
-    torch_device = resolve_device(device)
     n = plan.labelled_volumes[0]
     c = plan.combinations[0]
     predictions = {}
     for name in INITS:
-        model = build_unet(ModelConfig(widths=list(plan.widths)), prepared)
-        model.load_state_dict(
-            load_weights(out / f"finetune-{name}-{n}vol-{c}-s{seed}" / "weights.safetensors")
+        segmenter = Segmenter.from_pretrained(
+            out / f"finetune-{name}-{n}vol-{c}-s{seed}", device=device
         )
-        probs = predict_probabilities(model.to(torch_device), case.image[slices], torch_device)
+        probs = slice_probabilities(segmenter.networks[0], case.image[slices], segmenter.device)
         predictions[f"{name} ({n} vol)"] = list(probs.argmax(1))
     figures.overlays(
         [case.image[s, 0] for s in slices],

@@ -16,7 +16,7 @@ from contraseg.cli import main
 
 
 def _prepare(root: Path) -> int:
-    return main(["prepare", "--dataset", "phantom", "--root", str(root), "size=[32,32]"])
+    return main(["prepare", "--dataset", "phantom", "--root", str(root), "data.size=[32,32]"])
 
 
 def test_phantom_then_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -117,8 +117,9 @@ def test_inverse_dice_on_native_grid(
     back = labels_to_native(lab, grid)
     probs = np.eye(4, dtype=np.float32)[lab].transpose(0, 3, 1, 2)  # one-hot (Z, K, H, W)
     soft = probabilities_to_native(probs, grid)
-    for result in (back, soft):
-        assert result.shape == native and result.dtype == np.int16
+    assert soft.shape == (*native, 4) and soft.dtype == np.float32
+    for result in (back, soft.argmax(-1)):
+        assert result.shape == native
         for k in (1, 2, 3):
             assert _dice(result, label, k) >= 0.99
 
@@ -135,7 +136,7 @@ def test_probabilities_outside_the_window_are_background() -> None:
     )
     probs = np.zeros((2, 3, 10, 10), np.float32)
     probs[:, 2] = 1.0  # class 2 everywhere inside the window
-    native = probabilities_to_native(probs, grid)
+    native = probabilities_to_native(probs, grid).argmax(-1)
     assert np.all(native[5:15, 5:15] == 2)
     assert np.all(native[:5] == 0) and np.all(native[15:] == 0)
     with pytest.raises(ValueError, match="slices"):

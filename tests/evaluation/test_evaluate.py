@@ -12,10 +12,10 @@ from monai.networks.utils import one_hot
 
 from contraseg.cli import main
 from contraseg.config import FinetuneRun
+from contraseg.data.dataset import load_dataset
 from contraseg.evaluation.evaluate import evaluate_run
-from contraseg.evaluation.inference import predict_native
-from contraseg.training.checkpoint import load_weights
-from contraseg.training.stages import build_unet, load_data, run_finetune
+from contraseg.inference import Segmenter
+from contraseg.training.stages import run_finetune
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,13 @@ def test_evaluation_equals_monai_dice_on_the_native_grid(finetuned):
     config, run_dir = finetuned
     summary = evaluate_run(run_dir, device="cpu")
 
-    prepared, split = load_data(config.data)
-    model = build_unet(config.model, prepared)
-    model.load_state_dict(load_weights(run_dir / "weights.safetensors"))
+    prepared, split = load_dataset(config.data)
+    segmenter = Segmenter.from_pretrained(run_dir, device="cpu")
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     per_volume = []
     for case_id in split.test:
         case = prepared.cases[case_id]
-        pred = predict_native(model, case, torch.device("cpu"))
+        pred = segmenter.predict_case(case)
         assert pred.shape == case.native_label.shape == tuple(case.grid.native_shape)
         as_onehot = [
             one_hot(torch.from_numpy(np.asarray(a, dtype=np.int64))[None, None], 4)

@@ -209,18 +209,17 @@ def _check_shape(array: np.ndarray, grid: GridInfo, ndim: int) -> None:
 
 
 def probabilities_to_native(probs: np.ndarray, grid: GridInfo) -> np.ndarray:
-    """Class probabilities (Z, K, H, W) -> label map (X, Y, Z) int16 on the native grid.
+    """Class probabilities (Z, K, H, W) -> (X, Y, Z, K) float32 on the native grid.
 
     Outside the cropped window the background probability is 1; probabilities are resized
-    bilinearly to the native in-plane shape and the argmax is taken there.
+    bilinearly to the native in-plane shape, where the argmax is then taken (method_spec 6.3).
     """
     _check_shape(probs, grid, 4)
     z, k = probs.shape[:2]
     full = np.zeros((z, k, *grid.resampled_shape), np.float32)
     full[:, 0] = 1.0
     _place(np.asarray(probs, np.float32), full, grid.pad, grid.crop)
-    native = _resize(full, grid.native_shape[:2], "bilinear")
-    return native.argmax(axis=1).transpose(1, 2, 0).astype(np.int16)
+    return _resize(full, grid.native_shape[:2], "bilinear").transpose(2, 3, 0, 1)
 
 
 def labels_to_native(labels: np.ndarray, grid: GridInfo) -> np.ndarray:

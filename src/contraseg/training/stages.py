@@ -17,6 +17,8 @@ Each stage writes ``weights.safetensors``: stage 1 the encoder (keys ``encoder.*
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +27,25 @@ import torch
 import yaml
 from torch import nn
 
+from contraseg import __version__
 from contraseg.config import (
-    DataConfig,
     FinetuneRun,
     GlobalLossConfig,
     LocalLossConfig,
     ModelConfig,
     PretrainGlobalRun,
     PretrainLocalRun,
-    load_config,
+    to_dict,
 )
 from contraseg.data.augment import finetune_augment, pretrain_view
-from contraseg.data.cache import PreparedDataset, prepare_dataset
+from contraseg.data.cache import PreparedDataset
+from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.readers import get_reader
 from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
-from contraseg.data.splits import Split, get_split
+from contraseg.data.splits import Split
 from contraseg.errors import InputError
-from contraseg.evaluation.inference import validation_dice
+from contraseg.evaluation.evaluate import mean_case_dice
+from contraseg.inference import Architecture, ModelBundle, Preprocessing, Provenance, Segmenter
 from contraseg.losses import (
     global_chance_level,
     global_contrastive_loss,
@@ -53,25 +57,6 @@ from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_gr
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
 from contraseg.training.trainer import Trainer
-
-
-def load_data(config: DataConfig) -> tuple[PreparedDataset, Split]:
-    """Prepare (or reuse) the cache and form the dataset's split.
-
-    A reader that knows its dataset's split (nnU-Net's ``splits_final.json`` and unlabelled
-    ``imagesTs``, Cityscapes' image counts) provides ``split(seed)``; the others use the
-    packaged paper splits or a generated one.
-    """
-    prepared = prepare_dataset(config)
-    reader = get_reader(config)
-    if hasattr(reader, "split"):
-        return prepared, reader.split(config.split_seed)
-    return prepared, get_split(config.dataset, list(prepared.cases), seed=config.split_seed)
-
-
-def require_cases(prepared: PreparedDataset, split: Split, case_ids: list[str] | tuple[str, ...]):
-    split.check_available(list(prepared.cases), list(case_ids))
-    return [prepared.cases[case_id] for case_id in case_ids]
 
 
 def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
@@ -158,7 +143,7 @@ class GlobalPretrainer(Trainer):
 
     def setup(self) -> None:
         cfg = self.config
-        prepared, split = load_data(cfg.data)
+        prepared, split = load_dataset(cfg.data)
         loss_cfg = cfg.loss
         batch = loss_cfg.volumes_per_batch * loss_cfg.partitions
         self.sampler, volumes = pretraining_sampler(
@@ -202,7 +187,7 @@ class LocalPretrainer(Trainer):
     def setup(self) -> None:
         cfg = self.config
         loss_cfg = cfg.loss
-        prepared, split = load_data(cfg.data)
+        prepared, split = load_dataset(cfg.data)
         self.sampler, volumes = pretraining_sampler(
             prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size, self.rng
         )
@@ -259,7 +244,12 @@ class LocalPretrainer(Trainer):
 
 
 class Finetuner(Trainer):
-    """Stage 3. Batches of labelled slices drawn with replacement, geometric augmentation."""
+    """Stage 3. Batches of labelled slices drawn with replacement, geometric augmentation.
+
+    Validation predicts the validation volumes with the same :class:`Segmenter` that
+    ``contraseg predict`` and ``evaluate`` use; the run ends with a model bundle
+    (``model.json`` beside ``weights.safetensors``) that needs nothing else to be used.
+    """
 
     stage = "finetune"
     config: FinetuneRun
@@ -267,12 +257,14 @@ class Finetuner(Trainer):
     def setup(self) -> None:
         cfg = self.config
         ft = cfg.finetune
-        prepared, split = load_data(cfg.data)
+        prepared, split = load_dataset(cfg.data)
         labelled = split.labelled_set(ft.labelled_volumes, ft.combination)
+        self.labelled_set_name = f"tr{ft.labelled_volumes}/{ft.combination}"
         train = require_cases(prepared, split, labelled.train)
         self.val_cases = require_cases(prepared, split, labelled.val)
         if any(case.label is None for case in train):
             raise InputError(None, "a labelled training case has no label file")
+        self.train_ids = tuple(labelled.train)
         self.num_classes = cfg.model.num_classes or prepared.num_classes
         self.sampler = RandomSliceSampler(
             [case.image for case in train],
@@ -285,6 +277,8 @@ class Finetuner(Trainer):
         self.model = self.unet.to(self.device)
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.optim.lr)
         self.loss_fn = segmentation_loss(ft.loss, self.num_classes)
+        self.bundle = self._bundle(prepared)
+        self.segmenter = Segmenter([self.unet], [self.bundle], self.device)
         self.best_dice = -1.0
         self.best_iteration = 0
 
@@ -295,6 +289,41 @@ class Finetuner(Trainer):
             return []
         what = f"finetune.init={ft.init}"
         return load_pretrained(self.unet, ft.pretrained, what, ft.init == "encoder+decoder")
+
+    def _bundle(self, prepared: PreparedDataset) -> ModelBundle:
+        """Everything prediction needs, resolved; provenance is completed by :meth:`run`."""
+        cfg = self.config
+        reader = get_reader(cfg.data)
+        params = prepared.params
+        config_text = yaml.safe_dump(to_dict(cfg), sort_keys=True)
+        return ModelBundle(
+            architecture=Architecture(
+                tuple(self.unet.widths), self.unet.in_channels, self.unet.num_classes
+            ),
+            class_names=tuple(prepared.class_names),
+            label_values=tuple(getattr(reader, "label_values", range(prepared.num_classes))),
+            preprocessing=Preprocessing(
+                target_spacing=params.target_spacing,
+                size=params.size,
+                percentiles=params.percentiles,
+                n4=params.n4,
+                channel=getattr(reader, "channel", None),
+                orientation=getattr(reader, "orientation", "as_stored"),
+            ),
+            provenance=Provenance(
+                dataset=cfg.data.dataset,
+                labelled_set=self.labelled_set_name,
+                train_cases=self.train_ids,
+                val_cases=tuple(c.case_id for c in self.val_cases),
+                init=cfg.finetune.init,
+                pretrained=cfg.finetune.pretrained,
+                iterations=cfg.optim.iterations,
+                best_val_dice=None,
+                best_iteration=None,
+                contraseg_version=__version__,
+                config_sha256=hashlib.sha256(config_text.encode()).hexdigest(),
+            ),
+        )
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = self.sampler.sample()
@@ -313,7 +342,7 @@ class Finetuner(Trainer):
         return self.run_dir / "checkpoints" / "best.safetensors"
 
     def validate(self, iteration: int) -> dict[str, float]:
-        dice = validation_dice(self.unet, self.val_cases, self.num_classes, self.device)
+        dice = mean_case_dice(self.segmenter, self.val_cases, self.num_classes)
         if dice > self.best_dice:
             self.best_dice, self.best_iteration = dice, iteration
             save_weights(self.best_path, self.unet.state_dict())
@@ -330,6 +359,18 @@ class Finetuner(Trainer):
         """Model selection as the paper: the best-validation weights."""
         return load_weights(self.best_path) if self.best_path.exists() else self.unet.state_dict()
 
+    def run(self, fresh: bool = False) -> Path:
+        """Train, then write ``model.json`` beside the weights (the run becomes a bundle)."""
+        run_dir = super().run(fresh)
+        provenance = dataclasses.replace(
+            self.bundle.provenance,
+            iterations=self.iteration,
+            best_val_dice=self.best_dice,
+            best_iteration=self.best_iteration,
+        )
+        dataclasses.replace(self.bundle, provenance=provenance).write(run_dir)
+        return run_dir
+
 
 def run_pretrain_global(
     config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False
@@ -345,14 +386,3 @@ def run_pretrain_local(
 
 def run_finetune(config: FinetuneRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
     return Finetuner(config, out, device).run(fresh)
-
-
-def load_run_config(run_dir: str | Path) -> FinetuneRun:
-    """The resolved config of a finetune run, as saved in its directory."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise InputError(path, "not found: is this a run directory?")
-    sections = yaml.safe_load(path.read_text()) or {}
-    if "finetune" not in sections or not (Path(run_dir) / "weights.safetensors").is_file():
-        raise InputError(run_dir, "not a finished `contraseg finetune` run directory")
-    return load_config(FinetuneRun, path)

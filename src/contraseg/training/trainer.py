@@ -34,18 +34,11 @@ from tqdm.auto import tqdm
 
 from contraseg import config as config_module
 from contraseg.errors import InputError, TrainingError
+from contraseg.inference.device import resolve_device
 from contraseg.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
 
 # Keys of a run's config that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"optim.iterations", "optim.checkpoint_every", "optim.log_every"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from contraseg import cli
-from contraseg.config import DataConfig, load_config
+from contraseg.config import PrepareRun, load_config
 from contraseg.data.cache import PreparedDataset, prepare_dataset
 from contraseg.data.sampling import PartitionSampler, RandomSliceSampler
 
@@ -182,7 +182,8 @@ def prepare_and_sample(
     code, out, err = run_prepare(capsys, dataset, root, *overrides)
     assert code == 0, err
     assert "cases:" in out and "labels (preprocessed voxels):" in out
-    config = load_config(DataConfig, None, [f"dataset={dataset}", f"root={root}", *overrides])
+    shortcuts = [f"data.dataset={dataset}", f"data.root={root}"]
+    config = load_config(PrepareRun, None, [*shortcuts, *overrides]).data
     prepared = prepare_dataset(config, progress=False)
     labelled = [c for c in prepared.cases.values() if c.label is not None]
     size = prepared.params.size

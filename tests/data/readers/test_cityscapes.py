@@ -106,9 +106,9 @@ def test_colour_label_or_grey_image_is_refused(tmp_path, fx):
 
 def test_prepare_and_sample(tmp_path, capsys, fx):
     root = fx.write_cityscapes(tmp_path / "cityscapes")
-    prepared = fx.prepare_and_sample(capsys, "cityscapes", root, "size=[16,32]")
+    prepared = fx.prepare_and_sample(capsys, "cityscapes", root, "data.size=[32,32]")
     case = prepared.cases["aachen_000000_000019"]
-    assert case.image.shape == (1, 3, 16, 32) and case.label.shape == (1, 16, 32)
+    assert case.image.shape == (1, 3, 32, 32) and case.label.shape == (1, 32, 32)
     # per-channel p1/p99 normalisation: each colour channel spans about [0, 1]
     for c in range(3):
         assert case.image[0, c].min() < 0.05 and case.image[0, c].max() > 0.95
@@ -181,7 +181,7 @@ DAMAGES = [_missing_label, _no_gtfine, _bad_label_id, _colour_label, _corrupt_im
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
     root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
-    fx.expect_error(capsys, "cityscapes", root, damage(root), "size=[16,32]")
+    fx.expect_error(capsys, "cityscapes", root, damage(root), "data.size=[32,32]")
 
 
 def test_colour_images_train_through_the_same_unet(tmp_path, fx):

@@ -95,7 +95,7 @@ def test_missing_label_and_unexpected_file(tmp_path, fx):
 
 def test_prepare_and_sample(tmp_path, capsys, fx):
     root = fx.write_mmwhs(tmp_path / "mr_train")
-    prepared = fx.prepare_and_sample(capsys, "mmwhs", root, "size=[32,32]")
+    prepared = fx.prepare_and_sample(capsys, "mmwhs", root, "data.size=[32,32]")
     # reoriented (30, 20, 24) at (1.2, 1.8, 1.0) mm -> 24 slices of 24 x 24 at 1.5 mm, padded
     case = prepared.cases["mr_train_1001"]
     assert case.image.shape == (24, 1, 32, 32)
@@ -142,4 +142,4 @@ def _nan_image(root, fx):
 )
 def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
     root = fx.write_mmwhs(tmp_path / "mr_train")
-    fx.expect_error(capsys, "mmwhs", root, damage(root, fx), "size=[32,32]")
+    fx.expect_error(capsys, "mmwhs", root, damage(root, fx), "data.size=[32,32]")

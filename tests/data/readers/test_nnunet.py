@@ -272,7 +272,7 @@ def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
 def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
     """Unlabelled imagesTs join the pre-training pool; fine-tuning and testing use labelled ones."""
     from contraseg.config import PretrainGlobalRun, load_config
-    from contraseg.training.stages import load_data
+    from contraseg.data.dataset import load_dataset
 
     phantom = tmp_path / "phantom"
     write_phantom_dataset(phantom, volumes=16, size=40, seed=1)
@@ -292,7 +292,7 @@ def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
         "data.size=[32,32]",
         "data.target_spacing=[3.0,3.0]",
     ]
-    _, split = load_data(load_config(PretrainGlobalRun, None, data).data)
+    _, split = load_dataset(load_config(PretrainGlobalRun, None, data).data)
     unlabelled = {"patient014", "patient015", "patient016"}
     assert unlabelled <= set(split.pretrain)
     assert not unlabelled & {*split.test, *split.labelled_set(1, "c1").train}

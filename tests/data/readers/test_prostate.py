@@ -103,7 +103,7 @@ def test_label_affine_mismatch(tmp_path, fx):
 
 def test_prepare_and_sample(tmp_path, capsys, fx):
     root = fx.write_prostate(tmp_path / "Task05_Prostate")
-    prepared = fx.prepare_and_sample(capsys, "prostate", root, "size=[32,32]")
+    prepared = fx.prepare_and_sample(capsys, "prostate", root, "data.size=[32,32]")
     assert prepared.params.target_spacing == (0.625, 0.625)
     assert prepared.cases["prostate_00"].image.shape == (5, 1, 32, 32)
     assert prepared.class_names == ("background", "PZ", "TZ")
@@ -163,10 +163,10 @@ def _truncated_image(root, fx):
 )  # fmt: skip
 def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
     root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1, 2))
-    fx.expect_error(capsys, "prostate", root, damage(root, fx), "size=[32,32]")
+    fx.expect_error(capsys, "prostate", root, damage(root, fx), "data.size=[32,32]")
 
 
 def test_4d_image_without_a_channel_via_cli(tmp_path, capsys, fx):
     root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1))
-    line = fx.expect_error(capsys, "prostate", root, "prostate_00.nii.gz", "channel=null")
+    line = fx.expect_error(capsys, "prostate", root, "prostate_00.nii.gz", "data.channel=null")
     assert "choose a channel" in line
