@@ -11,6 +11,7 @@ from contraseg.data.sampling import (
     PartitionSampler,
     RandomSliceSampler,
     partition_bounds,
+    rank_volumes,
 )
 from contraseg.errors import InputError
 
@@ -120,3 +121,34 @@ def test_random_slice_sampler_is_uniform_over_slices() -> None:
     assert share == pytest.approx(0.75, abs=0.03)
     with pytest.raises(ValueError, match="labels"):
         RandomSliceSampler(volumes, 2, np.random.default_rng(0), labels=[np.zeros((2, 4, 4))])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    world_size=st.integers(1, 4),
+    per_rank=st.integers(1, 3),
+    extra=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_rank_volumes_split_one_draw_into_disjoint_shares(
+    world_size: int, per_rank: int, extra: int, seed: int
+) -> None:
+    n_volumes = world_size * per_rank + extra
+
+    def draw() -> np.ndarray:  # the same seeded draw, made on every rank
+        return np.random.default_rng(seed).choice(n_volumes, world_size * per_rank, replace=False)
+
+    shares = [rank_volumes(draw(), rank, world_size) for rank in range(world_size)]
+    assert all(len(share) == per_rank for share in shares)
+    assert len(set(np.concatenate(shares).tolist())) == world_size * per_rank  # disjoint
+    # In rank order they are the single-process draw of world_size x m volumes.
+    np.testing.assert_array_equal(np.concatenate(shares), draw())
+
+
+def test_rank_volumes_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"rank must be in 0\.\.1"):
+        rank_volumes(np.arange(4), 2, 2)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        rank_volumes(np.arange(4), 0, 3)
+    with pytest.raises(ValueError, match="repeats a volume"):
+        rank_volumes(np.array([1, 2, 2, 3]), 0, 2)

@@ -147,3 +147,23 @@ class RandomSliceSampler:
             slice_ids=torch.from_numpy(sl.astype(np.int64)),
             labels=labels,
         )
+
+
+def rank_volumes(draw: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s m volumes out of one draw of ``world_size * m`` distinct volumes.
+
+    Every rank makes the same seeded draw (one generator state shared by the ranks) and keeps
+    the contiguous block ``draw[rank * m:(rank + 1) * m]``: the ranks then hold distinct volumes,
+    so that G^D and L^D pair the same partition across ranks, and their batches concatenated in
+    rank order are the single-process batch of ``world_size * m`` volumes.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    if draw.ndim != 1 or len(draw) % world_size:
+        raise ValueError(
+            f"the draw must be 1-D with a multiple of {world_size} volumes, got {draw.shape}"
+        )
+    if len(np.unique(draw)) != len(draw):
+        raise ValueError("the draw repeats a volume, so two ranks could share it")
+    m = len(draw) // world_size
+    return draw[rank * m : (rank + 1) * m]

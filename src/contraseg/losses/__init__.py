@@ -1,8 +1,14 @@
-"""Contrastive (global, local) and segmentation losses, as pure functions.
+"""Contrastive (global, local) and segmentation losses, as pure functions, and the gather that
+lets data-parallel ranks compute the contrastive losses on their joint batch.
 
 ``contraseg.losses.reference`` holds slow loop implementations used by tests and benchmarks.
 """
 
+from contraseg.losses.distributed import (
+    all_gather_with_grad,
+    gather_contrastive_batch,
+    gather_ids,
+)
 from contraseg.losses.global_contrastive import (
     GLOBAL_STRATEGIES,
     global_chance_level,
@@ -27,6 +33,9 @@ __all__ = [
     "GLOBAL_STRATEGIES",
     "LOCAL_STRATEGIES",
     "SEGMENTATION_LOSSES",
+    "all_gather_with_grad",
+    "gather_contrastive_batch",
+    "gather_ids",
     "global_chance_level",
     "global_contrastive_loss",
     "global_pair_masks",
