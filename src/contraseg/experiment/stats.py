@@ -140,7 +140,7 @@ def describe(values: Sequence[float]) -> tuple[float, float, int]:
 def aggregate(
     rows: Sequence[Row], value: Value = mean_test_dice, baseline: str = BASELINE
 ) -> list[Cell]:
-    """Mean +- std of ``value`` per (init, labelled_volumes) over combinations and seeds.
+    """Mean ± std of ``value`` per (init, labelled_volumes) over combinations and seeds.
 
     Cells come init by init (:func:`init_order`), counts ascending with ``"all"`` last. Runs
     whose value is missing (None or NaN, e.g. an undefined HD95) are left out of n; a cell with
