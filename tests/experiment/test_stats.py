@@ -385,3 +385,9 @@ def test_write_results_csv(tmp_path):
     write_results_csv(tmp_path / "results.csv", rows)
     assert (tmp_path / "results.csv").read_bytes() == results_csv(rows).encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_numpy_integers_count_as_labelled_volumes():
+    rows = [{**r, "labelled_volumes": np.int64(r["labelled_volumes"])} for r in paired_rows([0.1])]
+    assert [c.labelled_volumes for c in aggregate(rows)] == [2, 2]
+    assert type(aggregate(rows)[0].labelled_volumes) is int

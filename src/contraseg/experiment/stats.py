@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import numbers
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +37,25 @@ BOOTSTRAP_SEED = 0
 RESULTS_CSV = "results.csv"
 
 
+def _run(row: Row) -> str:
+    """What an error names: the run's folder, or the rows when the run has none."""
+    return str(row.get("run", "rows"))
+
+
 def _field(row: Row, key: str) -> object:
     if key not in row:
-        raise InputError(str(row.get("run", "rows")), f"a result row has no {key!r}")
+        raise InputError(_run(row), f"a result row has no {key!r}")
     return row[key]
 
 
 def labelled_volumes(row: Row) -> int | str:
     """The row's number of labelled volumes: a positive int or ``"all"``."""
     value = _field(row, "labelled_volumes")
-    if value == ALL or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value  # type: ignore[return-value]
-    raise InputError(
-        str(row.get("run", "rows")), f"labelled_volumes must be a positive int or 'all': {value!r}"
-    )
+    if value == ALL:
+        return ALL
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise InputError(_run(row), f"labelled_volumes must be a positive int or 'all': {value!r}")
 
 
 def labelled_order(value: int | str) -> tuple[int, int]:
@@ -69,9 +75,7 @@ def _number(row: Row, name: str, value: object) -> float | None:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InputError(
-            str(row.get("run", "rows")), f"{name} is not a number: {value!r}"
-        ) from None
+        raise InputError(_run(row), f"{name} is not a number: {value!r}") from None
     return None if math.isnan(number) else number
 
 
@@ -99,7 +103,7 @@ def _index(rows: Sequence[Row], value: Value) -> dict[tuple[str, int | str], dic
         key = (_field(row, "combination"), _field(row, "seed"))
         if key in cell:
             raise InputError(
-                str(row.get("run", "rows")),
+                _run(row),
                 f"two runs of init={row['init']!r}, labelled_volumes={row['labelled_volumes']!r}, "
                 f"combination={key[0]!r}, seed={key[1]!r} (the other is {cell[key].get('run')!r})",
             )
