@@ -1,1 +1,1 @@
-"""Figures and the markdown report of the demo."""
+"""Figures, the markdown report of the demo and the self-contained HTML report."""
