@@ -11,8 +11,8 @@ import pytest
 from matplotlib.container import BarContainer
 from PIL import Image
 
-from contraseg.experiment.stats import aggregate, class_score
 from contraseg.report import figures
+from contraseg.report.stats import aggregate, class_score
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from contraseg.experiment.stats import aggregate, compare_to_baseline, summary_grid
 from contraseg.report import figures
 from contraseg.report.html import BulletList, Figure, Paragraph, Section, Table, write_html_report
+from contraseg.report.stats import aggregate, compare_to_baseline, summary_grid
 
 FLAGS = [
     "--headless",

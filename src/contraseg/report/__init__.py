@@ -1,1 +1,2 @@
-"""Figures, the markdown report of the demo and the self-contained HTML report."""
+"""What runs show: paired statistics and aggregated tables (``stats``), figures, the demo's
+markdown report and the self-contained HTML report."""

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from contraseg.experiment.stats import (
+from contraseg.fileio import atomic_path
+from contraseg.report.stats import (
     aggregate,
     class_score,
     init_order,
@@ -22,7 +23,6 @@ from contraseg.experiment.stats import (
     labelled_phrase,
     labelled_volumes,
 )
-from contraseg.fileio import atomic_path
 
 # One colour per initialisation, kept across figures (cycled past ten).
 COLOURS = (

@@ -12,8 +12,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from contraseg.errors import InputError
-from contraseg.experiment import stats
-from contraseg.experiment.stats import (
+from contraseg.report import stats
+from contraseg.report.stats import (
     NO_DIFFERENCE,
     TOO_FEW,
     Cell,
