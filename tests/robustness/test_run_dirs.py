@@ -73,6 +73,15 @@ def test_fresh_replaces_only_what_a_run_writes(sandbox, run_cli, config_file):
     check()
 
 
+def test_another_stage_in_the_run_directory_is_refused(sandbox, run_cli, config_file):
+    run_dir = sandbox.root / "run"
+    train(run_cli, config_file, run_dir, codes=(0,))
+    check = sandbox.watch()
+    result = run_cli("finetune", "--out", run_dir)
+    assert "is not the config of a finetune run" in result.err
+    check()
+
+
 @pytest.mark.parametrize(
     "where", ["precious.txt", "precious.txt/run", "/proc/contraseg-run", "x" * 300]
 )

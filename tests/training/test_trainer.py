@@ -139,7 +139,7 @@ DAMAGES = {
     "huge iteration": (_set(("iteration",), 10**12), "iteration 1000000000000 is outside 0..6"),
     "negative iteration": (_set(("iteration",), -1), "iteration -1 is outside"),
     "iteration as float": (_set(("iteration",), 4.0), "iteration is float, expected int"),
-    "other stage": (_set(("stage",), "finetune"), "of stage 'finetune', not 'toy'"),
+    "other stage": (_set(("stage",), "finetune"), "a checkpoint of stage 'finetune', not 'toy'"),
     "torch rng garbage": (
         _set(("rng_torch",), torch.randint(0, 255, (5056,), dtype=torch.uint8)),
         "rng_torch does not restore",
@@ -220,8 +220,10 @@ def test_a_damaged_log_line_inside_the_file_is_refused(resumable):
     lines = (resumable / "metrics.jsonl").read_text().splitlines()
     lines[1] = lines[1][:10]
     (resumable / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=r"metrics.jsonl: line 2 is not a record"):
+    before = files(resumable)
+    with pytest.raises(InputError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         toy(resumable).run()
+    assert files(resumable) == before
 
 
 def _events(folder: Path) -> list[tuple[str, int, float]]:

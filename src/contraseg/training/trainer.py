@@ -243,7 +243,7 @@ class Trainer:
         created = self._claim_run_dir()
         try:
             try:
-                state = self._prepare(fresh)
+                state, log = self._prepare(fresh)
             except BaseException as err:
                 self._lock.release()
                 _remove_empty(created)
@@ -251,7 +251,7 @@ class Trainer:
                     print(f"{self.stage}: interrupted before training started", file=sys.stderr)
                 raise
             try:
-                self._begin(fresh, state)
+                self._begin(fresh, state, log)
                 self._loop()
                 weights = self.final_weights()
                 self._require_finite(weights, "the final weights")
@@ -290,20 +290,23 @@ class Trainer:
             raise
         return created
 
-    def _prepare(self, fresh: bool) -> dict[str, Any] | None:
-        """Check the config against the run's, :meth:`setup`, load and check the checkpoint."""
+    def _prepare(self, fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """Check the config against the run's, :meth:`setup`, load and check the checkpoint
+        and the log; return the checkpoint (None: start from scratch) and the log's new text
+        (None: unchanged)."""
         resume = not fresh and self.checkpoint_path.exists()
         if resume:
             self._check_same_config(self.run_dir / "config.yaml")
         self.setup()
         self.model.to(self.device)
-        if not resume:
-            return None
-        state = load_checkpoint(self.checkpoint_path)
-        self._check_checkpoint(state)
-        return state
+        state = None
+        if resume:
+            state = load_checkpoint(self.checkpoint_path)
+            self._check_checkpoint(state)
+        log = None if fresh else self._resumed_log(state["iteration"] if state else 0)
+        return state, log
 
-    def _begin(self, fresh: bool, state: dict[str, Any] | None) -> None:
+    def _begin(self, fresh: bool, state: dict[str, Any] | None, log: str | None) -> None:
         """Write the run directory's files and restore the checkpoint, if any."""
         if fresh:
             self._clear_run()
@@ -312,7 +315,8 @@ class Trainer:
         if state is not None:
             self._restore(state)
             self._saved_iteration = self.iteration
-        self._truncate_metrics(self.iteration)
+        if log is not None:
+            fileio.write_text(self.metrics_path, log)
         self._trim_events(self.iteration)
 
     def _clear_run(self) -> None:
@@ -445,32 +449,32 @@ class Trainer:
         for key, value in stats.items():
             self._writer.add_scalar(f"{self.stage}/{key}", value, iteration)
 
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop the log lines after the checkpoint we resume from (they will be redone), and a
-        torn last line, which is what a kill during an append leaves."""
+    def _resumed_log(self, iteration: int) -> str | None:
+        """The text of ``metrics.jsonl`` up to ``iteration`` (the lines after it are redone),
+        or None when it needs no change. A torn last line, which is what a kill during an
+        append leaves, is dropped; a damaged line before it is an error."""
         path = self.metrics_path
         if not path.exists():
-            return
+            return None
         text = path.read_text(errors="replace")
         lines = text.splitlines()
-        kept = []
+        kept = 0
         for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                step = row["iteration"]
-                if not isinstance(step, int):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
+            step = _logged_iteration(line)
+            if step is None:
                 if number == len(lines) and not text.endswith("\n"):
-                    logger.debug("%s: dropped a torn last line: %r", path, line)
-                    continue
+                    logger.debug("%s: dropped a torn last line %r", path, line)
+                    break
                 raise InputError(
-                    path, f"line {number} is not a record with an iteration; delete the file"
-                ) from None
-            if step <= iteration:
-                kept.append(line)
-        if len(kept) != len(lines) or not text.endswith("\n"):
-            fileio.write_text(path, "".join(f"{line}\n" for line in kept))
+                    path,
+                    f"line {number} is not a JSON record with an iteration; repair or delete it",
+                )
+            if step > iteration:
+                break
+            kept = number
+        if not text or (kept == len(lines) and text.endswith("\n")):
+            return None
+        return "".join(f"{line}\n" for line in lines[:kept])
 
     def _trim_events(self, iteration: int) -> None:
         """Rewrite the TensorBoard events of a resumed run into one file that ends at
@@ -513,7 +517,14 @@ class Trainer:
     # ---- run directory and checkpoints ----------------------------------------------------
 
     def _check_same_config(self, config_path: Path) -> None:
-        previous = config_module.load_config(type(self.config), config_path)
+        try:
+            previous = config_module.load_config(type(self.config), config_path)
+        except InputError as err:
+            raise InputError(
+                config_path,
+                f"is not the config of a {self.stage} run ({err.problem}); "
+                "pass --fresh to start over or choose another --out",
+            ) from None
         old = _flatten(dataclasses.asdict(previous))
         new = _flatten(dataclasses.asdict(self.config))
         changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
@@ -546,6 +557,13 @@ class Trainer:
         self._saved_iteration = self.iteration
 
     def _check_checkpoint(self, state: Any) -> None:
+        stage = state.get("stage") if isinstance(state, dict) else None
+        if isinstance(stage, str) and stage != self.stage:
+            raise InputError(
+                self.checkpoint_path,
+                f"is a checkpoint of stage {stage!r}, not {self.stage!r}; "
+                "pass --fresh to start over or choose another --out",
+            )
         problem = self._checkpoint_problem(state)
         if problem:
             raise InputError(
@@ -558,8 +576,6 @@ class Trainer:
         the structure of a checkpoint written now (keys, types, tensor shapes), an iteration
         within the run, an optimiser state that loads into a copy, random generator states
         that restore into fresh generators, finite tensors."""
-        if isinstance(state, dict) and "stage" in state and state["stage"] != self.stage:
-            return f"it is of stage {state['stage']!r}, not {self.stage!r}"
         template = self._state()
         del template["optimizer"]
         rest = dict(state) if isinstance(state, dict) else state
@@ -619,6 +635,15 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         self.iteration = state["iteration"]
         self.load_extra_state(state["extra"])
+
+
+def _logged_iteration(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("iteration") if isinstance(row, dict) else None
+    return step if type(step) is int else None
 
 
 def _named_tensors(model: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, torch.Tensor]:
