@@ -125,7 +125,8 @@ def _model_tensor(value):
 
 
 DAMAGES = {
-    "empty file": (None, "cannot load checkpoint"),
+    "empty file": (b"", "cannot load checkpoint"),
+    "not a pickle": (b"garbage", "not written by torch.save"),
     "not a dict": (lambda s: [1, 2], "the checkpoint is list, expected dict"),
     "empty dict": (lambda s: {}, "lacks 'stage', 'iteration', 'model'"),
     "no optimizer": (_drop("optimizer"), "lacks 'optimizer'"),
@@ -169,8 +170,8 @@ DAMAGES = {
 def test_a_damaged_checkpoint_is_refused_before_anything_changes(resumable, kind):
     damage, message = DAMAGES[kind]
     path = resumable / "checkpoints" / "last.pt"
-    if damage is None:
-        path.write_bytes(b"")
+    if isinstance(damage, bytes):
+        path.write_bytes(damage)
     else:
         torch.save(damage(load_checkpoint(path)), path)
     before = files(resumable)

@@ -8,6 +8,7 @@ trainer refuse a damaged checkpoint before it touches any state (docs/training.m
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,11 @@ def load_checkpoint(path: str | Path) -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not here
+        detail = "not written by torch.save, or it holds objects that the safe loader refuses"
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"cannot load checkpoint: {detail}") from None
+    raise InputError(path, f"cannot load checkpoint: {detail}")
 
 
 def _kind(value: Any) -> str:
