@@ -2,13 +2,14 @@
 
 A checkpoint holds tensors and primitives only (no pickled classes), so that it still loads
 under torch's safe default. Both kinds of file are written atomically: an interrupted save
-leaves the previous file intact.
+leaves the previous file intact. :func:`schema_problem` and :func:`first_non_finite` let the
+trainer refuse a damaged checkpoint before it touches any state (docs/training.md).
 """
 
 from __future__ import annotations
 
 import pickle
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,71 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> Any:
+    """The unpickled content of ``path``; its structure is the caller's to check.
+
+    Any failure is the file's fault (empty, truncated, not a checkpoint, a class the safe
+    unpickler refuses), and torch raises a different exception type for each (EOFError,
+    KeyError, RuntimeError, UnpicklingError...), hence the broad catch.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise InputError(path, f"cannot load checkpoint: {str(err).splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not here
+        detail = "not written by torch.save, or it holds objects that the safe loader refuses"
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise InputError(path, f"cannot load checkpoint: {detail}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def schema_problem(template: Any, value: Any, where: str = "") -> str | None:
+    """What keeps ``value`` from having the structure of ``template``, or None.
+
+    The same keys (recursively), the same types (an int is not a bool nor a float), tensors of
+    the same shape and dtype: what a state saved by this code, now, would hold. ``where``
+    prefixes the dotted path of the first difference in the message.
+    """
+    name = where or "the checkpoint"
+    if isinstance(template, dict):
+        if not isinstance(value, dict):
+            return f"{name} is {_kind(value)}, expected dict"
+        missing = [k for k in template if k not in value]
+        if missing:
+            return f"{name} lacks {', '.join(repr(k) for k in missing[:3])}"
+        unexpected = [k for k in value if k not in template]
+        if unexpected:
+            return f"{name} has unexpected {', '.join(repr(k) for k in unexpected[:3])}"
+        for key, item in template.items():
+            problem = schema_problem(item, value[key], f"{where}.{key}" if where else str(key))
+            if problem:
+                return problem
+        return None
+    if type(value) is not type(template):
+        return f"{name} is {_kind(value)}, expected {_kind(template)}"
+    if isinstance(template, torch.Tensor):
+        if value.shape != template.shape:
+            return f"{name} has shape {tuple(value.shape)}, expected {tuple(template.shape)}"
+        if value.dtype != template.dtype:
+            return f"{name} is {value.dtype}, expected {template.dtype}"
+    return None
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None.
+
+    One host synchronisation for all of them, so that it can run on a GPU at every checkpoint.
+    """
+    names = [k for k, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return None
+    device = tensors[names[0]].device
+    finite = torch.stack([torch.isfinite(tensors[k]).all().to(device) for k in names]).cpu()
+    if bool(finite.all()):
+        return None
+    return names[int((~finite).nonzero()[0, 0])]
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:

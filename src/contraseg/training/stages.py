@@ -359,17 +359,21 @@ class Finetuner(Trainer):
         """Model selection as the paper: the best-validation weights."""
         return load_weights(self.best_path) if self.best_path.exists() else self.unet.state_dict()
 
-    def run(self, fresh: bool = False) -> Path:
-        """Train, then write ``model.json`` beside the weights (the run becomes a bundle)."""
-        run_dir = super().run(fresh)
+    def write_products(self) -> None:
+        """``model.json`` beside the weights: the run directory becomes a model bundle."""
         provenance = dataclasses.replace(
             self.bundle.provenance,
             iterations=self.iteration,
             best_val_dice=self.best_dice,
             best_iteration=self.best_iteration,
         )
-        dataclasses.replace(self.bundle, provenance=provenance).write(run_dir)
-        return run_dir
+        dataclasses.replace(self.bundle, provenance=provenance).write(self.run_dir)
+
+    def summary(self) -> str:
+        return (
+            f"{super().summary()}; best validation Dice {self.best_dice:.4f} at iteration "
+            f"{self.best_iteration}; predict with `contraseg predict -m {self.run_dir} -i ...`"
+        )
 
 
 def run_pretrain_global(

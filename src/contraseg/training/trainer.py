@@ -10,35 +10,74 @@ overrides the hooks, in the manner of nnU-Net's trainer:
   ``self.optimizer``;
 - :meth:`compute_loss` draws a batch and returns the loss of one iteration with scalars to log;
 - :meth:`validate` (optional) scores the model and returns scalars to log;
-- :meth:`final_weights` says which tensors are the stage's product.
+- :meth:`final_weights` says which tensors are the stage's product;
+- :meth:`summary` is the line printed when the stage ends.
 
 All randomness flows from three generators seeded by ``config.seed`` and saved in every
 checkpoint (numpy for sampling, a torch generator for augmentation, torch's global generator for
 initialisation), so that a resumed run on the CPU ends with the same weights as an uninterrupted
-one.
+one. The rules of a run directory (what is ours, locking, resume, failures) are in
+docs/training.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
+import logging
 import math
+import os
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
 from contraseg import config as config_module
+from contraseg import fileio
 from contraseg.errors import InputError, TrainingError
 from contraseg.inference.device import resolve_device
-from contraseg.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from contraseg.training.checkpoint import (
+    first_non_finite,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    schema_problem,
+)
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 # Keys of a run's config that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"optim.iterations", "optim.checkpoint_every", "optim.log_every"}
+
+# A run directory is recognised by MARKER; LOCK is held while a process trains in it. `--fresh`
+# deletes what a run writes (RUN_FILES, RUN_FOLDERS, and atomic-write leftovers of those files)
+# and nothing else.
+MARKER = ".contraseg-run"
+LOCK = ".contraseg-lock"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "weights.safetensors", "model.json")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "evaluation")
+
+# disable=None: no bar when stderr is not a terminal (a log file, a pipe, a test); tqdm.auto's
+# notebook bar is a widget, not terminal output, so it stays on.
+_BAR_DISABLE = None if autonotebook.tqdm is std.tqdm else False
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,6 +90,76 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class RunLock:
+    """An exclusive ``flock`` on ``LOCK`` inside a run directory; the file names its holder.
+
+    The lock belongs to the open file, so the OS frees it however the holder exits (``kill -9``
+    included). The file is removed on release; a process that opened it just before would then
+    lock a deleted file, so after locking, the path must still name the file that was locked.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                if isinstance(err, BlockingIOError):
+                    raise InputError(
+                        self.path.parent,
+                        f"is in use by {_describe_holder(holder)}; wait for that run to end "
+                        "or choose another folder",
+                    ) from None
+                raise InputError(self.path, f"cannot lock: {err.strerror}") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"process {holder['pid']} on {holder['host']} (started {holder['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 class Trainer:
     """Base class of the stages; see the module docstring for the hooks."""
 
@@ -58,7 +167,7 @@ class Trainer:
 
     def __init__(self, config: Any, run_dir: str | Path, device: str = "auto") -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run_dir = fileio.check_out_dir(run_dir)
         self.device = resolve_device(device)
         self.iteration = 0
         self.rng = np.random.default_rng(config.seed)
@@ -67,7 +176,10 @@ class Trainer:
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
         self._writer: Any = None
-        self._saved_iteration = 0
+        self._lock = RunLock(self.run_dir)
+        self._saved_iteration: int | None = None  # of the checkpoint on disk, if any
+        self._pending: list[torch.Tensor] = []  # losses since the last check, on the device
+        self._stop_requested = False
 
     # ---- hooks --------------------------------------------------------------------------
 
@@ -91,7 +203,14 @@ class Trainer:
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` saved."""
+        """Restore what :meth:`extra_state` saved (already checked to have its structure)."""
+
+    def write_products(self) -> None:
+        """Write what the stage adds beside ``weights.safetensors`` (fine-tuning: model.json)."""
+
+    def summary(self) -> str:
+        """The line printed on stdout when the stage has written its product."""
+        return f"{self.stage}: done at iteration {self.iteration}; weights in {self.weights_path}"
 
     # ---- paths ---------------------------------------------------------------------------
 
@@ -107,67 +226,213 @@ class Trainer:
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
-    # ---- the loop -----------------------------------------------------------------------
+    # ---- the run ------------------------------------------------------------------------
 
     def run(self, fresh: bool = False) -> Path:
-        """Train to ``config.optim.iterations`` (resuming if possible); return the run dir."""
-        self._prepare_run_dir(fresh)
-        self.setup()  # bad input fails here, before the run directory is written to
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_module.save_config(self.config, self.run_dir / "config.yaml")
-        self.model.to(self.device)
-        if self.checkpoint_path.exists():
-            self._restore(load_checkpoint(self.checkpoint_path))
-            self._saved_iteration = self.iteration
-        self._truncate_metrics(self.iteration)
-        optim = self.config.optim
+        """Train to ``config.optim.iterations``, resuming from the last checkpoint unless
+        ``fresh``; print :meth:`summary` and return the run directory.
+
+        Everything that can fail on bad input (the folder, the config, :meth:`setup`, the
+        checkpoint) fails before the run directory is written to; a folder created for the run
+        is then removed again.
+        """
+        created = self._claim_run_dir()
         try:
-            self._loop(optim.iterations, optim.checkpoint_every, optim.log_every)
+            try:
+                state, log = self._prepare(fresh)
+            except BaseException as err:
+                self._lock.release()
+                _remove_empty(created)
+                if isinstance(err, KeyboardInterrupt):
+                    print(f"{self.stage}: interrupted before training started", file=sys.stderr)
+                raise
+            try:
+                self._begin(fresh, state, log)
+                self._loop()
+                weights = self.final_weights()
+                self._require_finite(weights, "the final weights")
+                save_weights(self.weights_path, weights)
+                self.write_products()
+            except KeyboardInterrupt:
+                print(self._interrupted(fresh), file=sys.stderr)
+                raise
         finally:
             if self._writer is not None:
                 self._writer.close()
-        save_weights(self.weights_path, self.final_weights())
+            self._lock.release()
+        print(self.summary())
         return self.run_dir
 
-    def _loop(self, iterations: int, checkpoint_every: int, log_every: int) -> None:
+    def _claim_run_dir(self) -> list[Path]:
+        """Refuse a folder that is not a run directory, create and lock the run directory;
+        return the folders created (deepest first)."""
+        run_dir = self.run_dir
+        if run_dir.is_dir():
+            try:
+                names = {path.name for path in run_dir.iterdir()}
+            except OSError as err:
+                raise InputError(run_dir, f"cannot list: {err.strerror}") from None
+            if names - {LOCK} and MARKER not in names:
+                raise InputError(
+                    run_dir,
+                    f"is not empty and is not a contraseg run directory (it has no {MARKER}); "
+                    "give a new or empty folder",
+                )
+        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except BaseException:
+            _remove_empty(created)
+            raise
+        return created
+
+    def _prepare(self, fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """Check the config against the run's, :meth:`setup`, load and check the checkpoint
+        and the log; return the checkpoint (None: start from scratch) and the log's new text
+        (None: unchanged)."""
+        resume = not fresh and self.checkpoint_path.exists()
+        if resume:
+            self._check_same_config(self.run_dir / "config.yaml")
+        self.setup()
+        self.model.to(self.device)
+        state = None
+        if resume:
+            state = load_checkpoint(self.checkpoint_path)
+            self._check_checkpoint(state)
+        log = None if fresh else self._resumed_log(state["iteration"] if state else 0)
+        return state, log
+
+    def _begin(self, fresh: bool, state: dict[str, Any] | None, log: str | None) -> None:
+        """Write the run directory's files and restore the checkpoint, if any."""
+        if fresh:
+            self._clear_run()
+        fileio.write_text(self.run_dir / MARKER, f"contraseg {self.stage} run directory\n")
+        config_module.save_config(self.config, self.run_dir / "config.yaml")
+        if state is not None:
+            self._restore(state)
+            self._saved_iteration = self.iteration
+        if log is not None:
+            fileio.write_text(self.metrics_path, log)
+        self._trim_events(self.iteration)
+
+    def _clear_run(self) -> None:
+        """``--fresh``: delete what a run writes, keep anything else the folder holds."""
+        for name in RUN_FOLDERS:
+            shutil.rmtree(self.run_dir / name, ignore_errors=True)
+        for name in RUN_FILES:
+            (self.run_dir / name).unlink(missing_ok=True)
+            for leftover in self.run_dir.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+
+    def _interrupted(self, fresh: bool) -> str:
+        if self._saved_iteration is None:
+            resume = "no checkpoint was written, so the next run starts over"
+        else:
+            command = "the same command without --fresh" if fresh else "the same command"
+            resume = f"{command} resumes from the checkpoint of iteration {self._saved_iteration}"
+        return f"{self.stage}: interrupted after iteration {self.iteration}; {resume}"
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        """Iterate without waiting for the device: the loss stays there until the next log,
+        validation or checkpoint, where every loss since the last such point is checked."""
+        optim = self.config.optim
+        iterations = optim.iterations
         use_autocast = self.device.type == "cuda"
         bar = tqdm(
-            total=iterations, initial=self.iteration, desc=self.stage, unit="it", dynamic_ncols=True
+            total=iterations,
+            initial=self.iteration,
+            desc=self.stage,
+            unit="it",
+            dynamic_ncols=True,
+            disable=_BAR_DISABLE,
         )
-        try:
+        with bar, self._stop_at_ctrl_c():
             while self.iteration < iterations:
                 iteration = self.iteration + 1
                 self.model.train()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                     loss, stats = self.compute_loss(iteration)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"{self.stage}: the loss became {value} at iteration {iteration}; "
-                        f"stopped. The last good checkpoint is kept in {self.checkpoint_path}"
-                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.iteration = iteration
-                stats = {"loss": value, **stats}
-                validated = self.should_validate(iteration) or iteration == iterations
-                if validated:
-                    stats.update(self.validate(iteration) or {})
-                if validated or iteration % log_every == 0 or iteration == 1:
-                    self.log(iteration, stats)
-                if iteration % checkpoint_every == 0 or iteration == iterations:
-                    self._save()
-                bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()}, refresh=False)
+                self._pending.append(loss.detach())
                 bar.update(1)
-        except KeyboardInterrupt:
-            bar.close()
-            print(
-                f"{self.stage}: interrupted at iteration {self.iteration}; the same command "
-                f"resumes from the checkpoint at iteration {self._saved_iteration}"
+                last = iteration == iterations
+                validate = self.should_validate(iteration) or last
+                log = validate or iteration % optim.log_every == 0 or iteration == 1
+                save = iteration % optim.checkpoint_every == 0 or last or self._stop_requested
+                if not (log or save):
+                    continue
+                value = self._check_losses()
+                if validate or save:
+                    self._require_finite(self._state_tensors(), "the model's state")
+                if log:
+                    stats = {"loss": value, **{k: float(v) for k, v in stats.items()}}
+                    if validate:
+                        stats.update(self.validate(iteration) or {})
+                    self.log(iteration, stats)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()}, refresh=False)
+                if save:
+                    self._save()
+                if self._stop_requested:
+                    raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def _stop_at_ctrl_c(self) -> Iterator[None]:
+        """The first Ctrl-C lets the current iteration finish and be checkpointed, so that an
+        interrupted run loses nothing; a second one stops at once. Only where Python's own
+        handler is installed (the main thread, SIGINT not ignored)."""
+        previous = signal.getsignal(signal.SIGINT)
+        if (
+            previous is not signal.default_int_handler
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _check_losses(self) -> float:
+        """Check the losses since the last check (one host sync); return the latest."""
+        values = torch.stack([loss.float().reshape(()) for loss in self._pending]).tolist()
+        first = self.iteration - len(values) + 1
+        self._pending.clear()
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"{self.stage}: the loss became {value} at iteration {first + offset}; "
+                    f"stopped. {self._kept_note()}"
+                )
+        return values[-1]
+
+    def _require_finite(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """Nothing non-finite is checkpointed or saved, even when the loss stayed finite."""
+        name = first_non_finite(tensors)
+        if name is not None:
+            raise TrainingError(
+                f"{self.stage}: {what} ({name}) became non-finite by iteration {self.iteration}; "
+                f"stopped. {self._kept_note()}"
             )
-            raise
-        bar.close()
+
+    def _kept_note(self) -> str:
+        if self._saved_iteration is None:
+            return "No checkpoint had been written; the same command starts over"
+        return (
+            f"The last good checkpoint, of iteration {self._saved_iteration}, is kept in "
+            f"{self.checkpoint_path}"
+        )
 
     # ---- logging ------------------------------------------------------------------------
 
@@ -181,34 +446,82 @@ class Trainer:
         for key, value in stats.items():
             self._writer.add_scalar(f"{self.stage}/{key}", value, iteration)
 
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        if not self.metrics_path.exists():
+    def _resumed_log(self, iteration: int) -> str | None:
+        """The text of ``metrics.jsonl`` up to ``iteration`` (the lines after it are redone),
+        or None when it needs no change. A torn last line, which is what a kill during an
+        append leaves, is dropped; a damaged line before it is an error."""
+        path = self.metrics_path
+        if not path.exists():
+            return None
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        kept = 0
+        for number, line in enumerate(lines, 1):
+            step = _logged_iteration(line)
+            if step is None:
+                if number == len(lines) and not text.endswith("\n"):
+                    logger.debug("%s: dropped a torn last line %r", path, line)
+                    break
+                raise InputError(
+                    path,
+                    f"line {number} is not a JSON record with an iteration; repair or delete it",
+                )
+            if step > iteration:
+                break
+            kept = number
+        if not text or (kept == len(lines) and text.endswith("\n")):
+            return None
+        return "".join(f"{line}\n" for line in lines[:kept])
+
+    def _trim_events(self, iteration: int) -> None:
+        """Rewrite the TensorBoard events of a resumed run into one file that ends at
+        ``iteration``, so that every step is in the event files once.
+
+        Each SummaryWriter opens a new file, so the iterations redone after a resume would be
+        in two files, and TensorBoard's readers disagree on which to show (the Rust data server
+        keeps the later point of a step, the Python loader both unless a writer set
+        ``purge_step``, other readers both); rewriting the files is right for every reader.
+        """
+        folder = self.run_dir / "tensorboard"
+        files = sorted(folder.glob("events.out.tfevents.*"))
+        if not files:
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["iteration"] <= iteration]
-        if len(kept) != len(lines):
-            self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        kept: dict[tuple[int, tuple[str, ...]], Event] = {}
+        for path in files:  # a later file wins a (step, tags) both hold
+            for event in LegacyEventFileLoader(str(path)).Load():
+                if event.HasField("summary") and event.step <= iteration:
+                    kept[(event.step, tuple(v.tag for v in event.summary.value))] = event
+        target = None
+        if kept:
+            events = [kept[key] for key in sorted(kept)]
+            start = min(event.wall_time for event in events)
+            # a second before the new writer's, at the latest: readers load files in name order
+            stamp = min(int(start), int(time.time()) - 1)
+            target = folder / f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.run"
+            with fileio.atomic_path(target) as tmp, open(tmp, "wb") as handle:
+                writer = RecordWriter(handle)
+                header = Event(wall_time=start, file_version="brain.Event:2")
+                for event in (header, *events):
+                    writer.write(event.SerializeToString())
+        for path in files:
+            if path != target:
+                path.unlink()
 
     # ---- run directory and checkpoints ----------------------------------------------------
 
-    def _prepare_run_dir(self, fresh: bool) -> None:
-        """``--fresh``: clear the run directory; else refuse to resume under another config.
-
-        Without a checkpoint there is nothing to resume, so a directory left by a run that
-        failed before its first checkpoint is simply reused.
-        """
-        if fresh and self.run_dir.exists():
-            for name in ("checkpoints", "tensorboard", "evaluation"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            for path in self.run_dir.glob("*"):
-                if path.is_file():
-                    path.unlink()
-        elif self.checkpoint_path.exists():
-            self._check_same_config(self.run_dir / "config.yaml")
-
     def _check_same_config(self, config_path: Path) -> None:
-        previous = config_module.load_config(type(self.config), config_path)
+        try:
+            previous = config_module.load_config(type(self.config), config_path)
+        except InputError as err:
+            raise InputError(
+                config_path,
+                f"is not the config of a {self.stage} run ({err.problem}); "
+                "pass --fresh to start over or choose another --out",
+            ) from None
         old = _flatten(dataclasses.asdict(previous))
         new = _flatten(dataclasses.asdict(self.config))
         changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
@@ -220,8 +533,8 @@ class Trainer:
                 "pass --fresh to start over or choose another --out",
             )
 
-    def _save(self) -> None:
-        state = {
+    def _state(self) -> dict[str, Any]:
+        return {
             "stage": self.stage,
             "iteration": self.iteration,
             "model": self.model.state_dict(),
@@ -231,19 +544,109 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "extra": self.extra_state(),
         }
-        save_checkpoint(self.checkpoint_path, state)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors and the optimiser's per-parameter state, by name."""
+        return _named_tensors(self.model.state_dict(), self.optimizer.state_dict())
+
+    def _save(self) -> None:
+        save_checkpoint(self.checkpoint_path, self._state())
         self._saved_iteration = self.iteration
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("stage") != self.stage:
+    def _check_checkpoint(self, state: Any) -> None:
+        stage = state.get("stage") if isinstance(state, dict) else None
+        if isinstance(stage, str) and stage != self.stage:
             raise InputError(
                 self.checkpoint_path,
-                f"checkpoint of stage {state.get('stage')!r}, not {self.stage!r}",
+                f"is a checkpoint of stage {stage!r}, not {self.stage!r}; "
+                "pass --fresh to start over or choose another --out",
             )
+        problem = self._checkpoint_problem(state)
+        if problem:
+            raise InputError(
+                self.checkpoint_path,
+                f"damaged checkpoint: {problem} (delete it, or pass --fresh, to start over)",
+            )
+
+    def _checkpoint_problem(self, state: Any) -> str | None:
+        """What keeps ``state`` from restoring cleanly, found before any state is touched:
+        the structure of a checkpoint written now (keys, types, tensor shapes), an iteration
+        within the run, an optimiser state that loads into a copy, random generator states
+        that restore into fresh generators, finite tensors."""
+        template = self._state()
+        del template["optimizer"]
+        rest = dict(state) if isinstance(state, dict) else state
+        optimizer = rest.pop("optimizer", None) if isinstance(rest, dict) else None
+        problem = schema_problem(template, rest)
+        if problem or optimizer is None:
+            return problem or "the checkpoint lacks 'optimizer'"
+        iterations = self.config.optim.iterations
+        if not 0 <= state["iteration"] <= iterations:
+            return (
+                f"its iteration {state['iteration']} is outside 0..{iterations} (optim.iterations)"
+            )
+        problem = self._optimizer_problem(optimizer)
+        if problem:
+            return problem
+        try:
+            type(self.rng.bit_generator)().state = state["rng_numpy"]
+        except (ValueError, TypeError, KeyError, OverflowError) as err:
+            return f"rng_numpy does not restore: {err}"
+        for key in ("rng_augment", "rng_torch"):
+            try:
+                torch.Generator().set_state(state[key])
+            except (RuntimeError, TypeError) as err:
+                return f"{key} does not restore: {err}"
+        name = first_non_finite(_named_tensors(state["model"], optimizer))
+        return None if name is None else f"{name} holds NaN or infinite values"
+
+    def _optimizer_problem(self, saved: Any) -> str | None:
+        """Load ``saved`` into a copy of the optimiser, then check what that load does not:
+        each parameter's state has the parameter's shape."""
+        try:
+            copy.deepcopy(self.optimizer).load_state_dict(saved)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"the optimizer state does not fit the model ({detail})"
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, entry in saved["state"].items():
+            if not (isinstance(index, int) and 0 <= index < len(params)):
+                return f"optimizer.state has an entry {index!r} for no parameter"
+            if not isinstance(entry, dict):
+                return f"optimizer.state.{index} is {type(entry).__name__}, expected dict"
+            for key, value in entry.items():
+                shape = params[index].shape
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != shape:
+                    return (
+                        f"optimizer.state.{index}.{key} has shape {tuple(value.shape)}, "
+                        f"its parameter {tuple(shape)}"
+                    )
+        return None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint that :meth:`_check_checkpoint` accepted."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng_numpy"]
         self.augment_generator.set_state(state["rng_augment"])
         torch.set_rng_state(state["rng_torch"])
-        self.iteration = int(state["iteration"])
+        self.iteration = state["iteration"]
         self.load_extra_state(state["extra"])
+
+
+def _logged_iteration(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("iteration") if isinstance(row, dict) else None
+    return step if type(step) is int else None
+
+
+def _named_tensors(model: dict[str, Any], optimizer: dict[str, Any]) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    for index, entry in optimizer["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.state.{index}.{key}"] = value
+    return tensors
