@@ -106,7 +106,8 @@ def test_a_failed_start_leaves_no_run_directory(
 ):
     config_file = tmp_path / "tiny.yaml"
     run_class = PretrainLocalRun if command == "pretrain-local" else PretrainGlobalRun
-    save_config(tiny_config(run_class), config_file)
+    required = overrides if command == "pretrain-local" else []  # stage 2 needs an encoder
+    save_config(tiny_config(run_class, *required), config_file)
     (sandbox.root / "empty").mkdir()
     check = sandbox.watch()
     for out in (sandbox.root / "new" / "run", sandbox.root / "empty"):
