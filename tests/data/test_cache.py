@@ -148,20 +148,18 @@ def test_interrupted_prepare_is_not_trusted(
     assert len(prepare_dataset(_config(phantom_root), progress=False).cases) == 8
 
 
-def test_orphan_files_are_never_trusted(phantom_root: Path) -> None:
+def test_unrecorded_files_are_neither_trusted_nor_deleted(phantom_root: Path) -> None:
+    """The cache deletes only files its manifest names: anything else in a case folder (an
+    orphan of a lost manifest, a user's file) stays, and is never read as a cached array."""
     first = prepare_dataset(_config(phantom_root), progress=False)
-    orphan = first.cache_dir / "patient001" / "image-0000000000000000.npy"
+    folder = first.cache_dir / "patient001"
+    orphan = folder / "image-0000000000000000.npy"
     np.save(orphan, np.zeros((1, 1, 2, 2), np.float32))
-    (first.cache_dir / "patient001" / "image-0000.npy.tmp").write_bytes(b"")
+    (folder / "notes.txt").write_text("mine\n")
     cfg = _config(phantom_root)
     cfg.percentiles = [2.0, 98.0]
     second = prepare_dataset(cfg, progress=False)
-    assert second.cases["patient001"].image_path != orphan
-    assert sorted(p.name for p in (first.cache_dir / "patient001").iterdir()) == sorted(
-        p.name
-        for p in (
-            second.cases["patient001"].image_path,
-            second.cases["patient001"].label_path,
-            second.cases["patient001"].native_label_path,
-        )
-    )
+    case = second.cases["patient001"]
+    assert case.image_path != orphan and case.image.shape[2:] == (32, 32)
+    expected = {orphan, folder / "notes.txt", case.image_path, case.label_path}
+    assert set(folder.iterdir()) == expected | {case.native_label_path}
