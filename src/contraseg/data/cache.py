@@ -196,11 +196,11 @@ def _check_owner(cache_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """Turn a failed write (permission, full disk) into a one-line error naming the file."""
+    """Turn a failed write or listing (permission, full disk) into a one-line error."""
     try:
         yield
     except OSError as err:
-        raise InputError(path, f"cannot write the cache: {err.strerror or err}") from None
+        raise InputError(path, f"cannot use the cache: {err.strerror or err}") from None
 
 
 def _claim(cache_dir: Path) -> list[Path]:
@@ -225,14 +225,18 @@ def _release(cache_dir: Path, created: list[Path]) -> None:
 # -- what the cache wrote: manifest, journal, file records ------------------------------------
 
 
-def _own_name(name: object, case_id: str | None = None) -> str:
+def _file_name(case_id: str, kind: str, key: str) -> str:
+    return f"{case_id}/{KINDS[kind]}-{key}.npy"
+
+
+def _own_name(name: object) -> str:
     """``name`` if it has the form of a file the cache writes (``<case_id>/<kind>-<key>.npy``),
     else ValueError: names read back from disk decide deletions, so they are checked."""
     if not isinstance(name, str) or name.count("/") != 1:
         raise ValueError(name)
     folder, file_name = name.split("/")
     check_case_id(folder, MANIFEST)
-    if (case_id is not None and folder != case_id) or not _FILE.fullmatch(file_name):
+    if not _FILE.fullmatch(file_name):
         raise ValueError(name)
     return name
 
@@ -246,9 +250,8 @@ def _check_entry(case_id: str, entry: Any) -> None:
     for kind, record in entry["files"].items():
         if record is None:
             continue
-        name = _own_name(record["name"], case_id)
-        if name.split("/")[1] != f"{KINDS[kind]}-{entry['key']}.npy":
-            raise ValueError(name)
+        if _own_name(record["name"]) != _file_name(case_id, kind, entry["key"]):
+            raise ValueError(record["name"])
         np.dtype(record["dtype"])
         shape, size, mtime, digest = (record[k] for k in ("shape", "size", "mtime_ns", "sha256"))
         if not all(isinstance(n, int) and n >= 0 for n in [*shape, size, mtime]):
@@ -269,10 +272,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             return empty
         for case_id, entry in manifest["cases"].items():
             _check_entry(case_id, entry)
-    except (OSError, UnicodeDecodeError, ValueError, LookupError, TypeError, AttributeError):
-        return empty
-    except InputError:  # a case id that is not a plain name
-        return empty
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, InputError):
+        return empty  # InputError: a case id that is not a plain name
     return manifest
 
 
@@ -280,7 +281,7 @@ def _read_pending(path: Path) -> set[str]:
     """Names an interrupted run was about to write (to delete unless now in the manifest)."""
     try:
         return {_own_name(name) for name in json.loads(path.read_text())}
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, InputError):
+    except (OSError, ValueError, TypeError, InputError):
         return set()
 
 
@@ -403,9 +404,15 @@ def _reusable(cache_dir: Path, entry: dict[str, Any], verify: bool) -> dict[str,
 
 
 def _prepare_case(
-    reader: Reader, case: CaseFiles, params: PreprocessParams, cache_dir: Path, key: str
-) -> tuple[dict[str, Any], list[str]]:
-    """Load, validate and preprocess one case, then write its arrays; returns (entry, names)."""
+    reader: Reader,
+    case: CaseFiles,
+    params: PreprocessParams,
+    cache_dir: Path,
+    key: str,
+    written: list[str],
+) -> dict[str, Any]:
+    """Load, validate and preprocess one case, then write its arrays, adding each name to
+    ``written`` before its file is written (so that a failure can remove it); returns the entry."""
     volume = reader.load(case)  # validates; raises InputError before anything is written
     image, label, grid = preprocess_volume(volume, params)
     arrays: dict[str, np.ndarray] = {"image": image}
@@ -415,19 +422,17 @@ def _prepare_case(
         arrays["native_label"] = volume.label.astype(np.int16)
         counts = np.bincount(label.ravel(), minlength=reader.num_classes).tolist()
     files: dict[str, dict[str, Any] | None] = dict.fromkeys(KINDS)
-    written = []
     for kind, array in arrays.items():
-        name = f"{case.case_id}/{KINDS[kind]}-{key}.npy"
+        name = _file_name(case.case_id, kind, key)
         written.append(name)
         files[kind] = _record(cache_dir, name, array)
-    entry = {
+    return {
         "key": key,
         "files": files,
         "num_slices": int(image.shape[0]),
         "grid": grid.to_json(),
         "label_counts": counts,
     }
-    return entry, written
 
 
 def _check_case_folders(cache_dir: Path, cases: list[CaseFiles]) -> None:
@@ -493,12 +498,11 @@ def prepare_dataset(
     try:
         with bar:  # closed (and cleared) before an error message is printed
             if todo:
-                names = [f"{c.case_id}/{k}-{key}.npy" for c, key, _ in todo for k in KINDS.values()]
+                names = {_file_name(c.case_id, kind, key) for c, key, _ in todo for kind in KINDS}
                 with _writing(cache_dir / PENDING):
-                    fileio.write_json(cache_dir / PENDING, sorted(leftovers | set(names)))
+                    fileio.write_json(cache_dir / PENDING, sorted(leftovers | names))
             for case, key, inputs in todo:
-                entry, names = _prepare_case(reader, case, params, cache_dir, key)
-                written += names
+                entry = _prepare_case(reader, case, params, cache_dir, key, written)
                 entries[case.case_id] = {**entry, "inputs": inputs}
                 bar.update()
     except BaseException:
