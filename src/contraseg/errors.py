@@ -15,7 +15,9 @@ class InputError(Exception):
     def __init__(self, path: str | Path | None, problem: str) -> None:
         self.path = None if path is None else str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        # a file name may hold a newline or other control character: escaped, it stays one line
+        shown = self.path if self.path is None or self.path.isprintable() else ascii(self.path)
+        super().__init__(f"{shown}: {problem}" if self.path else problem)
 
 
 class TrainingError(Exception):

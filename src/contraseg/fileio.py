@@ -91,3 +91,9 @@ def check_out_dir(raw: str | Path, what: str = "--out") -> Path:
                 raise InputError(path, f"{what}: cannot create a folder in {parent}")
             break
     return path
+
+
+def one_line(text: object) -> str:
+    """``text`` (an exception, say) with every run of white space, newlines included, folded to
+    one space: the command line promises one line per error, whatever a library put in it."""
+    return " ".join(str(text).split())

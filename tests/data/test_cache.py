@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,20 +150,81 @@ def test_interrupted_prepare_is_not_trusted(
     assert len(prepare_dataset(_config(phantom_root), progress=False).cases) == 8
 
 
-def test_orphan_files_are_never_trusted(phantom_root: Path) -> None:
+def test_unrecorded_files_are_neither_trusted_nor_deleted(phantom_root: Path) -> None:
+    """The cache deletes only files its manifest names: anything else in a case folder (an
+    orphan of a lost manifest, a user's file) stays, and is never read as a cached array."""
     first = prepare_dataset(_config(phantom_root), progress=False)
-    orphan = first.cache_dir / "patient001" / "image-0000000000000000.npy"
+    folder = first.cache_dir / "patient001"
+    orphan = folder / "image-0000000000000000.npy"
     np.save(orphan, np.zeros((1, 1, 2, 2), np.float32))
-    (first.cache_dir / "patient001" / "image-0000.npy.tmp").write_bytes(b"")
+    (folder / "notes.txt").write_text("mine\n")
     cfg = _config(phantom_root)
     cfg.percentiles = [2.0, 98.0]
     second = prepare_dataset(cfg, progress=False)
-    assert second.cases["patient001"].image_path != orphan
-    assert sorted(p.name for p in (first.cache_dir / "patient001").iterdir()) == sorted(
-        p.name
-        for p in (
-            second.cases["patient001"].image_path,
-            second.cases["patient001"].label_path,
-            second.cases["patient001"].native_label_path,
-        )
+    case = second.cases["patient001"]
+    assert case.image_path != orphan and case.image.shape[2:] == (32, 32)
+    expected = {orphan, folder / "notes.txt", case.image_path, case.label_path}
+    assert set(folder.iterdir()) == expected | {case.native_label_path}
+
+
+_KILL_THIRD_CASE = """
+import os, sys
+from contraseg.config import DataConfig
+from contraseg.data import cache
+real, calls = cache.preprocess_volume, []
+def kill_third(volume, params):
+    calls.append(volume.case_id)
+    if len(calls) == 3:
+        os._exit(9)  # a hard kill: no clean-up runs
+    return real(volume, params)
+cache.preprocess_volume = kill_third
+config = DataConfig(dataset="phantom", root=sys.argv[1], size=[32, 32], target_spacing=[2, 2],
+                    percentiles=[2.0, 98.0])
+cache.prepare_dataset(config, progress=False)
+"""
+
+
+def test_files_of_a_killed_run_are_deleted_by_the_next(phantom_root: Path) -> None:
+    """A hard kill leaves arrays that no manifest names; the journal (.pending.json) written
+    before them lets the next run delete them, and nothing else."""
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_THIRD_CASE, str(phantom_root)], env=env, check=False
     )
+    assert killed.returncode == 9
+    cache_dir = first.cache_dir
+    assert (cache_dir / cache_module.PENDING).is_file()
+    assert len(list(cache_dir.glob("*/*.npy"))) == 3 * 8 + 3 * 2  # two new cases written
+    second = prepare_dataset(_config(phantom_root), progress=False)  # reuses the first run's
+    kept = {
+        path
+        for case in second.cases.values()
+        for path in (case.image_path, case.label_path, case.native_label_path)
+    }
+    assert set(cache_dir.glob("*/*.npy")) == kept
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_file()) == [
+        cache_module.MARKER,
+        cache_module.MANIFEST,
+    ]
+
+
+@pytest.mark.parametrize("name", ["../victim.npy", "patient001/notes.txt", "/tmp/x/image.npy"])
+def test_a_tampered_manifest_is_not_trusted(phantom_root: Path, tmp_path: Path, name: str) -> None:
+    """Names read back from the manifest decide what is deleted: one that is not of the form
+    the cache writes makes the whole manifest untrusted; every case is prepared again."""
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    victim = first.cache_dir.parent / "victim.npy"
+    victim.write_bytes(b"keep")
+    (first.cache_dir / "patient001" / "notes.txt").write_text("keep\n")
+    manifest_path = first.cache_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["cases"]["patient001"]["files"]["image"]["name"] = name
+    manifest_path.write_text(json.dumps(manifest))
+    cfg = _config(phantom_root)
+    cfg.size = [24, 24]
+    second = prepare_dataset(cfg, progress=False)
+    assert second.cases["patient001"].image.shape[2:] == (24, 24)
+    assert victim.read_bytes() == b"keep"
+    assert (first.cache_dir / "patient001" / "notes.txt").is_file()
+    assert first.cases["patient002"].image_path.exists()  # untrusted: not deleted either

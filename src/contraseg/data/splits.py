@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from contraseg.data.volume import check_case_id
 from contraseg.errors import InputError
+from contraseg.fileio import one_line
 
 PACKAGED = ("acdc", "prostate", "mmwhs")
 _SPLIT_DIR = Path(__file__).with_name("splits")
@@ -85,7 +87,7 @@ class Split:
 def _ids(values: Any, path: Path, what: str) -> tuple[str, ...]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise InputError(path, f"'{what}' must be a list of case ids")
-    return tuple(values)
+    return tuple(check_case_id(v, path) for v in values)
 
 
 def _labelled(obj: Any, path: Path, what: str) -> LabelledSet:
@@ -102,7 +104,7 @@ def load_split(path: Path) -> Split:
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise InputError(path, f"cannot read split file: {err}") from None
+        raise InputError(path, f"cannot read split file: {one_line(err)}") from None
     if not isinstance(obj, dict):
         raise InputError(path, "a split file must hold a mapping")
     return Split(

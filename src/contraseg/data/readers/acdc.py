@@ -19,6 +19,7 @@ from contraseg.config import DataConfig
 from contraseg.data.readers.nifti import check_finite, check_ndim, labels_to_int, load_nifti
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
+from contraseg.fileio import one_line
 
 _PATIENT = re.compile(r"patient\d{3}")
 _FRAMES = ("ED", "ES")
@@ -31,7 +32,7 @@ def read_info(path: Path) -> dict[str, int]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read Info.cfg: {err}") from None
+        raise InputError(path, f"cannot read Info.cfg: {one_line(err)}") from None
     frames: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -124,8 +125,6 @@ class AcdcReader:
         image = _squeeze_trailing(image)
         check_ndim(case.image, image)
         check_finite(case.image, image)
-        if min(spacing[:3]) <= 0:
-            raise InputError(case.image, f"voxel spacing must be positive, got {spacing[:3]}")
         label = None
         if case.label is not None:
             raw, _, _ = load_nifti(case.label)

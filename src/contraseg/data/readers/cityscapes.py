@@ -34,12 +34,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from contraseg.config import DataConfig
+from contraseg.data.readers.base import quiet
 from contraseg.data.splits import LabelledSet, Split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
+from contraseg.fileio import one_line
 
 SPLITS = ("train", "val")
 DOWNSCALE = 4
@@ -63,11 +65,14 @@ def holdout_size(num_images: int) -> int:
 
 
 def _open(path: Path) -> Image.Image:
+    # PIL reports a bad chunk as SyntaxError and a huge header as DecompressionBombError
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise InputError(path, f"cannot read PNG (truncated or corrupt?): {err}") from None
+        with quiet(path):
+            image = Image.open(path)
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        problem = f"cannot read PNG (truncated or corrupt?): {one_line(err)}"
+        raise InputError(path, problem) from None
     return image
 
 

@@ -41,14 +41,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from contraseg.config import DataConfig
-from contraseg.data.readers.nifti import check_finite, check_ndim, labels_to_int, load_nifti
+from contraseg.data.readers.nifti import (
+    check_finite,
+    check_ndim,
+    labels_to_int,
+    load_nifti,
+    read_nifti_header,
+)
 from contraseg.data.splits import LabelledSet, Split, generated_split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
+from contraseg.fileio import one_line
 
 AFFINE_RTOL = 1e-3
 SUPPORTED_ENDINGS = (".nii.gz", ".nii")
@@ -62,9 +68,9 @@ def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read: {err}") from None
+        raise InputError(path, f"cannot read: {one_line(err)}") from None
     except json.JSONDecodeError as err:
-        raise InputError(path, f"not valid JSON: {err}") from None
+        raise InputError(path, f"not valid JSON: {one_line(err)}") from None
 
 
 def read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
@@ -295,10 +301,7 @@ class NnunetReader:
         for case in self._cases:
             if case.label is None:
                 continue
-            try:
-                header = nib.load(str(case.image)).header
-            except Exception as err:  # nibabel raises many types for a bad header
-                raise InputError(case.image, f"cannot read NIfTI header: {err}") from None
+            header = read_nifti_header(case.image)
             spacings.append([float(z) for z in header.get_zooms()[:2]])
             shapes.append([int(s) for s in header.get_data_shape()[:2]])
         return np.asarray(spacings), np.asarray(shapes)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from contraseg.config import DataConfig
+from contraseg.data.readers.base import dataset_path
 from contraseg.data.readers.nifti import check_finite, check_ndim, load_nifti
 from contraseg.data.readers.nnunet import check_same_grid, declared_labels, read_json, strip_ending
 from contraseg.data.volume import CaseFiles, Volume
@@ -72,7 +73,8 @@ class ProstateReader:
         for entry in training:
             if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
                 raise InputError(meta_path, f"a 'training' entry lacks image or label: {entry}")
-            image, label = root / entry["image"], root / entry["label"]
+            image = dataset_path(root, entry["image"], meta_path)
+            label = dataset_path(root, entry["label"], meta_path)
             for path in (image, label):
                 if not path.is_file():
                     raise InputError(path, "file not found (listed in dataset.json)")
