@@ -314,10 +314,16 @@ class LocalLossConfig:
 class FinetuneConfig:
     """Which labelled volumes, from which initialisation (docs/training.md)."""
 
-    labelled_volumes: Literal[1, 2, 8] = option(
-        1, help="size of the labelled set taken from the dataset's split"
+    labelled_volumes: Literal[1, 2, 8, "all"] = option(
+        1, help="size of the labelled set from the dataset's split; all: the benchmark set"
     )
     combination: str = option("c1", help="which labelled set of that size: c1, c2, ...")
+    train: list[str] | None = option(
+        None, help="training cases by id, instead of labelled_volumes and combination"
+    )
+    val: list[str] | None = option(
+        None, help="validation cases by id (with train); []: no validation, keep the last weights"
+    )
     init: Literal["random", "encoder", "encoder+decoder"] = option(
         "random", help="what is loaded from finetune.pretrained"
     )
@@ -399,6 +405,18 @@ class FinetuneRun:
 
     def check(self) -> None:
         ft = self.finetune
+        if ft.train is not None and ft.val is None:
+            raise InputError(
+                "finetune.val",
+                "required with finetune.train: the validation cases (val=[] trains without "
+                "validation and keeps the last weights)",
+            )
+        if ft.val is not None and ft.train is None:
+            raise InputError("finetune.train", "required with finetune.val: the training cases")
+        if ft.train is not None and (not ft.train or set(ft.train) & set(ft.val or [])):
+            raise InputError(
+                "finetune.train", "must name at least one case, none of them a validation case"
+            )
         if ft.init != "random" and not ft.pretrained:
             raise InputError(
                 "finetune.pretrained",

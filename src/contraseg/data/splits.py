@@ -23,7 +23,7 @@ Other datasets (the phantom, nnU-Net raw data) get :func:`generated_split`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,41 @@ class Split:
         if key not in self.labelled:
             valid = ", ".join(self.labelled) or "none"
             raise InputError(
-                self.source or None, f"no labelled set '{key}' in this split; valid: {valid}"
+                self.source or None,
+                f"no labelled set '{key}' in this split (valid: {valid}); or name the cases "
+                "with finetune.train=[...] finetune.val=[...]",
             )
         return self.labelled[key]
+
+    def choose(
+        self,
+        labelled_volumes: int | str,
+        combination: str,
+        train: Sequence[str] | None = None,
+        val: Sequence[str] | None = None,
+    ) -> tuple[str, LabelledSet]:
+        """The fine-tuning set and its name: cases named by ``train``/``val`` ("custom"), the
+        benchmark set (``labelled_volumes`` "all") or a labelled set ("tr1/c1"). Named cases
+        may not be test cases: the test set must stay unseen."""
+        if train is not None:
+            chosen = LabelledSet(tuple(train), tuple(val or ()))
+            leaked = sorted(set(chosen.train + chosen.val) & set(self.test))
+            if leaked:
+                raise InputError(
+                    self.source or None,
+                    f"finetune.train/val name test cases {leaked}: the test set must stay unseen",
+                )
+            return "custom", chosen
+        if labelled_volumes == "all":
+            if self.benchmark is None:
+                raise InputError(
+                    self.source or None,
+                    "this split has no benchmark set; name the cases with "
+                    "finetune.train=[...] finetune.val=[...]",
+                )
+            return "all", self.benchmark
+        n = int(labelled_volumes)
+        return f"tr{n}/{combination}", self.labelled_set(n, combination)
 
     def check_available(self, case_ids: Iterable[str], which: Iterable[str]) -> None:
         """Raise :class:`InputError` listing the ids in ``which`` that are not in ``case_ids``."""

@@ -258,12 +258,16 @@ class Finetuner(Trainer):
         cfg = self.config
         ft = cfg.finetune
         prepared, split = load_dataset(cfg.data)
-        labelled = split.labelled_set(ft.labelled_volumes, ft.combination)
-        self.labelled_set_name = f"tr{ft.labelled_volumes}/{ft.combination}"
+        self.labelled_set_name, labelled = split.choose(
+            ft.labelled_volumes, ft.combination, ft.train, ft.val
+        )
         train = require_cases(prepared, split, labelled.train)
         self.val_cases = require_cases(prepared, split, labelled.val)
-        if any(case.label is None for case in train):
-            raise InputError(None, "a labelled training case has no label file")
+        for case in (*train, *self.val_cases):
+            if case.label is None:
+                raise InputError(
+                    case.image_path, f"case {case.case_id} has no label: it cannot be fine-tuned on"
+                )
         self.train_ids = tuple(labelled.train)
         self.num_classes = cfg.model.num_classes or prepared.num_classes
         self.sampler = RandomSliceSampler(
@@ -342,6 +346,8 @@ class Finetuner(Trainer):
         return self.run_dir / "checkpoints" / "best.safetensors"
 
     def validate(self, iteration: int) -> dict[str, float]:
+        if not self.val_cases:  # finetune.val=[]: no selection, the last weights are the product
+            return {}
         dice = mean_case_dice(self.segmenter, self.val_cases, self.num_classes)
         if dice > self.best_dice:
             self.best_dice, self.best_iteration = dice, iteration
@@ -361,18 +367,24 @@ class Finetuner(Trainer):
 
     def write_products(self) -> None:
         """``model.json`` beside the weights: the run directory becomes a model bundle."""
+        validated = bool(self.val_cases)
         provenance = dataclasses.replace(
             self.bundle.provenance,
             iterations=self.iteration,
-            best_val_dice=self.best_dice,
-            best_iteration=self.best_iteration,
+            best_val_dice=self.best_dice if validated else None,
+            best_iteration=self.best_iteration if validated else None,
         )
         dataclasses.replace(self.bundle, provenance=provenance).write(self.run_dir)
 
     def summary(self) -> str:
+        selection = (
+            f"best validation Dice {self.best_dice:.4f} at iteration {self.best_iteration}"
+            if self.val_cases
+            else "no validation cases, so the last weights are kept"
+        )
         return (
-            f"{super().summary()}; best validation Dice {self.best_dice:.4f} at iteration "
-            f"{self.best_iteration}; predict with `contraseg predict -m {self.run_dir} -i ...`"
+            f"{super().summary()}; {selection}; "
+            f"predict with `contraseg predict -m {self.run_dir} -i INPUT -o OUTPUT`"
         )
 
 
