@@ -149,6 +149,20 @@ class DataConfig:
         high=63,
         readers=("prostate",),
     )
+    fold: int = option(
+        0,
+        help="fold of splits_final.json: its train cases train, its val cases validate",
+        low=0,
+        high=1000,
+        readers=("nnunet",),
+    )
+    unlabelled: list[str] = option(
+        help="extra folders or globs of unlabelled images for pre-training (relative to root); "
+        "imagesUnlabelled/ is always read",
+        factory=list,
+        path=False,
+        readers=("nnunet",),
+    )
     split_seed: int = option(
         0,
         help="seed of a generated split (datasets without the paper's packaged split)",

@@ -99,5 +99,18 @@ def test_generated_split_rule(n: int) -> None:
 def test_get_split_generates_for_other_datasets() -> None:
     ids = [f"patient{i:03d}" for i in range(1, 21)]
     assert get_split("phantom", ids, seed=3) == generated_split(ids, 3)
-    with pytest.raises(InputError, match="at least 6"):
-        get_split("phantom", ids[:5])
+    with pytest.raises(InputError, match="no labelled cases"):
+        get_split("phantom", [])
+
+
+@pytest.mark.parametrize(
+    ("n", "test", "val", "pool"), [(1, 0, 0, 1), (2, 0, 1, 1), (3, 0, 2, 1), (5, 0, 2, 3)]
+)
+def test_small_generated_splits_have_no_test_set_and_what_validation_fits(n, test, val, pool):
+    ids = [f"case_{i}" for i in range(n)]
+    split = generated_split(ids, seed=1)
+    assert (len(split.test), len(split.pretrain_val), len(split.pretrain)) == (test, val, pool)
+    assert sorted((*split.test, *split.pretrain_val, *split.pretrain)) == ids
+    first = split.labelled_set(1, "c1")
+    assert first.train == split.pretrain[:1] and len(first.val) == val
+    assert split.benchmark == LabelledSet(split.pretrain, split.pretrain_val)

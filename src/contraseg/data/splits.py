@@ -149,41 +149,76 @@ def load_split(path: Path) -> Split:
     )
 
 
-def generated_split(case_ids: Iterable[str], seed: int) -> Split:
-    """A split of the paper's shape from any case list, deterministic in (sorted ids, seed).
+# below this many labelled cases a generated split holds no test set
+MIN_CASES_FOR_TEST = 6
 
-    Rule: shuffle the sorted ids with ``seed``; the first ~20% (at least 1) are the test set;
-    the next 2k are k validation pairs (k = 3 from 20 cases on, else 1), which also serve as
-    the pre-training validation set; all the rest (>= ~50%) is the pre-training pool. Labelled
-    sets are drawn from the pre-training pool (pre-training uses no labels), so they are
-    disjoint from test and validation: combination j of size n takes the pool's volumes
-    j*n .. j*n+n-1 (disjoint combinations of one size) and validation pair j mod k. Up to 5
-    combinations for 1 and 2 volumes and 3 for 8, as many as the pool holds: smaller datasets
-    get fewer. The benchmark trains on the whole pool and validates on pair 0.
-    """
-    ids = sorted(set(case_ids))
-    if len(ids) < 6:
-        raise InputError(None, f"a generated split needs at least 6 cases, got {len(ids)}")
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    n_test = max(1, round(0.2 * len(ids)))
-    pairs = 3 if len(ids) >= 20 else 1
-    test = tuple(order[:n_test])
-    val_ids = order[n_test : n_test + 2 * pairs]
-    val_pairs = [tuple(val_ids[2 * k : 2 * k + 2]) for k in range(pairs)]
-    pool = tuple(order[n_test + 2 * pairs :])
+
+def _labelled_sets(
+    pool: tuple[str, ...], val_sets: list[tuple[str, ...]]
+) -> dict[str, LabelledSet]:
+    """Combination j of size n takes the pool's volumes j*n .. j*n+n-1 (disjoint combinations
+    of one size) and validation set j mod k; up to 5 combinations for 1 and 2 volumes and 3 for
+    8, as many as the pool holds. With no validation set, the sets have none."""
     labelled = {}
     for n, most in _COMBINATIONS.items():
         for j in range(min(most, len(pool) // n)):
-            labelled[f"tr{n}/c{j + 1}"] = LabelledSet(
-                pool[j * n : (j + 1) * n], val_pairs[j % pairs]
-            )
+            val = val_sets[j % len(val_sets)] if val_sets else ()
+            labelled[f"tr{n}/c{j + 1}"] = LabelledSet(pool[j * n : (j + 1) * n], val)
+    return labelled
+
+
+def generated_split(case_ids: Iterable[str], seed: int) -> Split:
+    """A split of the paper's shape from any case list, deterministic in (sorted ids, seed).
+
+    Rule: shuffle the sorted ids with ``seed``. From 6 cases on, the first ~20% (at least 1)
+    are the test set and the next 2k are k validation pairs (k = 3 from 20 cases on, else 1);
+    with 3 to 5 cases there is no test set and one validation pair; with 2 cases one validation
+    case; with 1 case no validation (fine-tuning then keeps its last weights). The validation
+    cases also serve as the pre-training validation set; all the rest is the pre-training pool.
+    Labelled sets are drawn from the pool (pre-training uses no labels), so they are disjoint
+    from test and validation (see :func:`_labelled_sets`). The benchmark trains on the whole
+    pool and validates on the first validation set.
+    """
+    ids = sorted(set(case_ids))
+    if not ids:
+        raise InputError(None, "no labelled cases to split")
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    n = len(ids)
+    n_test = max(1, round(0.2 * n)) if n >= MIN_CASES_FOR_TEST else 0
+    if n >= 3:
+        pairs = 3 if n >= 20 else 1
+        val_sets = [tuple(order[n_test + 2 * k : n_test + 2 * k + 2]) for k in range(pairs)]
+    else:
+        val_sets = [tuple(order[:1])] if n == 2 else []
+    n_val = sum(len(v) for v in val_sets)
+    pool = tuple(order[n_test + n_val :])
     return Split(
         pretrain=pool,
-        pretrain_val=tuple(val_ids),
-        test=test,
-        labelled=labelled,
-        benchmark=LabelledSet(pool, val_pairs[0]),
-        source=f"generated split (seed {seed}, {len(ids)} cases)",
+        pretrain_val=tuple(c for v in val_sets for c in v),
+        test=tuple(order[:n_test]),
+        labelled=_labelled_sets(pool, val_sets),
+        benchmark=LabelledSet(pool, val_sets[0] if val_sets else ()),
+        source=f"generated split (seed {seed}, {n} cases)",
+    )
+
+
+def fold_split(train: Sequence[str], val: Sequence[str], seed: int, source: str) -> Split:
+    """The split of one fold of nnU-Net's ``splits_final.json``, read as nnU-Net does: the
+    fold's ``train`` cases are the training pool, its ``val`` cases validate (all of them, for
+    every labelled set), and there is no test set (nnU-Net's ``imagesTs`` is what ``contraseg
+    predict`` segments). Labelled sets are drawn from the shuffled pool as in
+    :func:`generated_split`; the benchmark trains on the whole pool. Every labelled case is
+    pre-training data (pre-training uses no labels)."""
+    ordered = sorted(train)
+    pool = tuple(ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered)))
+    val_sets = [tuple(val)] if val else []
+    return Split(
+        pretrain=tuple(sorted({*train, *val})),
+        pretrain_val=tuple(val),
+        test=(),
+        labelled=_labelled_sets(pool, val_sets),
+        benchmark=LabelledSet(pool, tuple(val)),
+        source=source,
     )
 
 

@@ -110,17 +110,20 @@ def write_mmwhs(root: Path, numbers: Sequence[int] = (1001, 1002, 1003), shape=(
 def write_nnunet(
     root: Path,
     train: Sequence[str] = ("case_000", "case_001", "case_002", "case_003"),
-    test: Sequence[str] = ("case_100", "case_101"),
+    unlabelled: Sequence[str] = ("case_100", "case_101"),
     channels: dict[str, str] | None = None,
     spacing: Sequence[float] = (0.8, 0.7, 3.0),
     shape=(40, 44, 6),
+    test: Sequence[str] = ("case_200",),
 ) -> Path:
-    """DatasetXXX_Name with dataset.json, imagesTr/labelsTr and unlabelled imagesTs."""
+    """DatasetXXX_Name with dataset.json, imagesTr/labelsTr, imagesUnlabelled (pre-training)
+    and imagesTs (to be segmented)."""
     channels = channels or {"0": "T2", "1": "ADC"}
     labels = {"background": 0, "lesion": 1, "organ": 2}
-    for i, case in enumerate([*train, *test]):
+    for i, case in enumerate([*train, *unlabelled, *test]):
         label = blob_label(shape, (1, 2), seed=i)
         folder = "imagesTr" if case in train else "imagesTs"
+        folder = "imagesUnlabelled" if case in unlabelled else folder
         for c in range(len(channels)):
             image = image_from_label(label, seed=10 * i + c) * (c + 1)
             write_nifti(root / folder / f"{case}_{c:04d}.nii.gz", image, axial_affine(spacing))

@@ -1,8 +1,9 @@
-"""nnU-Net raw v2: listing, channels, unlabelled imagesTs, derived defaults, bad input."""
+"""nnU-Net raw v2: listing, channels, unlabelled images, splits, derived defaults, bad input."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -14,6 +15,7 @@ from contraseg.data.cache import prepare_dataset
 from contraseg.data.phantom import write_phantom_dataset
 from contraseg.data.readers import get_reader
 from contraseg.data.readers.acdc import read_info
+from contraseg.data.splits import LabelledSet
 from contraseg.errors import InputError
 
 
@@ -170,20 +172,68 @@ def test_generated_split_keeps_unlabelled_cases_in_pretraining(tmp_path, fx):
     assert set(split.test).isdisjoint(split.pretrain)
 
 
-def test_splits_final_fold0_val_is_the_test_set(tmp_path, fx):
+def test_splits_final_fold_gives_train_and_val_as_nnunet_reads_it(tmp_path, fx):
     root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=_labelled_ids(10), shape=(8, 8, 2))
     ids = _labelled_ids(10)
-    folds = [{"train": list(ids[2:]), "val": list(ids[:2])}, {"train": list(ids[:8]), "val": []}]
+    folds = [{"train": list(ids[2:]), "val": list(ids[:2])}, {"train": list(ids[:7]), "val": []}]
     (root / "splits_final.json").write_text(json.dumps(folds))
     split = _reader(root).split(seed=0)
-    assert split.test == ("case_000", "case_001")
-    assert set(split.pretrain) == set(ids[2:]) - set(split.pretrain_val) | {"case_100", "case_101"}
-    assert set(split.benchmark.train) | set(split.benchmark.val) <= set(ids[2:])
+    assert split.test == ()
+    assert set(split.benchmark.train) == set(ids[2:]) and split.benchmark.val == tuple(ids[:2])
+    assert all(s.val == tuple(ids[:2]) for s in split.labelled.values())
+    assert set(split.labelled_set(8, "c1").train) <= set(ids[2:])
+    assert set(split.pretrain) == set(ids) | {"case_100", "case_101"}
 
-    (root / "splits_final.json").write_text(json.dumps([{"train": [], "val": ["case_777"]}]))
-    with pytest.raises(InputError, match="case_777") as err:
-        _reader(root).split(seed=0)
+    second = _reader(root, fold=1).split(seed=0)
+    assert set(second.benchmark.train) == set(ids[:7]) and second.benchmark.val == ()
+    assert second.labelled_set(1, "c1").val == ()
+
+
+@pytest.mark.parametrize(
+    ("folds", "fold", "message"),
+    [
+        ([{"train": [], "val": ["case_777"]}], 0, "case_777"),
+        ([{"train": ["case_000"], "val": ["case_000"]}], 0, "in both train and val"),
+        ([{"train": ["case_000"], "val": []}], 3, "data.fold=3, but the file has folds 0..0"),
+        ({"train": []}, 0, "expected a list of folds"),
+    ],
+)
+def test_bad_splits_final_names_the_file(tmp_path, fx, folds, fold, message):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
+    (root / "splits_final.json").write_text(json.dumps(folds))
+    with pytest.raises(InputError, match=message) as err:
+        _reader(root, fold=fold).split(seed=0)
     assert err.value.path.endswith("splits_final.json")
+
+
+def test_imagests_is_not_pretraining_data_unless_listed(tmp_path, fx):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2), test=("case_200",))
+    assert "case_200" not in {c.case_id for c in _reader(root).list_cases(root)}
+    listed = _reader(root, unlabelled=["imagesTs"]).list_cases(root)
+    assert ("case_200", False) in [(c.case_id, c.label is not None) for c in listed]
+    globbed = _reader(root, unlabelled=["imagesTs/*_0000.nii.gz"]).list_cases(root)
+    assert [c.case_id for c in globbed if c.label is None][-1] == "case_200"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("nowhere/*.nii.gz", "no folder or file matches"),
+        ("imagesUnlabelled", "is also used by"),
+        ("dataset.json", "expected {case}_{0000..}"),
+    ],
+)
+def test_bad_unlabelled_entries_name_the_path(tmp_path, fx, entry, message):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
+    with pytest.raises(InputError, match=re.escape(message)):
+        _reader(root, unlabelled=[entry]).list_cases(root)
+
+
+def test_a_generated_split_works_from_one_labelled_case(tmp_path, fx):
+    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=["case_000"], shape=(8, 8, 2))
+    split = _reader(root).split(seed=0)
+    assert split.test == () and split.labelled_set(1, "c1") == LabelledSet(("case_000",), ())
+    assert set(split.pretrain) == {"case_000", "case_100", "case_101"}
 
 
 def _phantom_as_nnunet(phantom, out):
@@ -250,8 +300,8 @@ def _rotated_label(root, fx):
 
 
 def _missing_channel(root, fx):
-    (root / "imagesTs" / "case_101_0001.nii.gz").unlink()
-    return "imagesTs/case_101_0001.nii.gz: file not found"
+    (root / "imagesUnlabelled" / "case_101_0001.nii.gz").unlink()
+    return "imagesUnlabelled/case_101_0001.nii.gz: file not found"
 
 
 def _stray_label(root, fx):
@@ -270,17 +320,17 @@ def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
 
 
 def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
-    """Unlabelled imagesTs join the pre-training pool; fine-tuning and testing use labelled ones."""
+    """Unlabelled images join the pre-training pool; fine-tuning and testing use labelled ones."""
     from contraseg.config import PretrainGlobalRun, load_config
     from contraseg.data.dataset import load_dataset
 
     phantom = tmp_path / "phantom"
     write_phantom_dataset(phantom, volumes=16, size=40, seed=1)
     root = _phantom_as_nnunet(phantom, tmp_path / "Dataset002_Phantom")
-    (root / "imagesTs").mkdir()
+    (root / "imagesUnlabelled").mkdir()
     for case in ("patient014", "patient015", "patient016"):
         (root / "imagesTr" / f"{case}_0000.nii.gz").rename(
-            root / "imagesTs" / f"{case}_0000.nii.gz"
+            root / "imagesUnlabelled" / f"{case}_0000.nii.gz"
         )
         (root / "labelsTr" / f"{case}.nii.gz").unlink()
     meta = json.loads((root / "dataset.json").read_text())

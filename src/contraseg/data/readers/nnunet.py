@@ -6,7 +6,8 @@ Layout (``root`` is the ``DatasetXXX_Name`` folder)::
                           numTraining, file_ending (".nii.gz" or ".nii")
     imagesTr/{case}_{0000..C-1}{file_ending}
     labelsTr/{case}{file_ending}
-    imagesTs/{case}_{0000..C-1}{file_ending}     optional: unlabelled cases, pre-training only
+    imagesUnlabelled/{case}_{0000..C-1}{file_ending}   optional: unlabelled, pre-training only
+    imagesTs/{case}_{0000..C-1}{file_ending}     optional: what ``contraseg predict`` segments
     splits_final.json                            optional: [{"train": [...], "val": [...]}, ...]
 
 What is done:
@@ -21,19 +22,21 @@ What is done:
   spacing of the labelled training cases. Crop size: ``config.size``, else per in-plane axis
   the median extent in mm (shape x spacing) of the labelled cases divided by the target
   spacing, rounded up to a multiple of 32 (the UNet halves the size five times).
-- Splits (:meth:`NnunetReader.split`): the labelled cases are split by
-  :func:`contraseg.data.splits.generated_split` with the seed (test, validation pairs,
-  pre-training pool, labelled sets of 1/2/8 drawn from the pool). With a ``splits_final.json``
-  next to ``dataset.json`` (nnU-Net writes it to ``nnUNet_preprocessed/DatasetXXX_Name/``; copy
-  it over) the ``val`` cases of its fold 0 are the test set instead, so that results compare
-  with nnU-Net's fold 0; the other labelled cases are split by the same rule, and those that
-  the rule would hold out for testing join the pre-training pool and the benchmark's training
-  set. Unlabelled cases of ``imagesTs`` only ever join the pre-training pool.
+- Unlabelled pre-training images: ``imagesUnlabelled/`` and the folders or globs listed in
+  ``data.unlabelled`` (named like ``imagesTr``). ``imagesTs`` keeps nnU-Net's meaning, the set
+  to be segmented; list it in ``data.unlabelled`` to pre-train on it too (docs/datasets.md).
+- Splits (:meth:`NnunetReader.split`): with a ``splits_final.json`` next to ``dataset.json``
+  (nnU-Net writes it to ``nnUNet_preprocessed/DatasetXXX_Name/``; copy it over), fold
+  ``data.fold`` is read as nnU-Net reads it (:func:`contraseg.data.splits.fold_split`): its
+  ``train`` cases are the training pool, its ``val`` cases validate, there is no test set.
+  Without it the labelled cases are split by :func:`contraseg.data.splits.generated_split`,
+  which works from one labelled case up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import re
@@ -51,7 +54,7 @@ from contraseg.data.readers.nifti import (
     load_nifti,
     read_nifti_header,
 )
-from contraseg.data.splits import LabelledSet, Split, generated_split
+from contraseg.data.splits import Split, fold_split, generated_split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
 from contraseg.fileio import one_line
@@ -250,47 +253,95 @@ class NnunetReader:
                 self.root / "dataset.json",
                 f"numTraining is {meta['numTraining']} but imagesTr holds {len(cases)} cases",
             )
-        test = self.root / "imagesTs"
-        if test.is_dir():
-            for case_id in self._list_images(test):
-                if case_id in train_ids:
-                    raise InputError(
-                        self._channel_path(test, case_id, 0), "case id also used in imagesTr"
-                    )
-                cases.append(self._case(test, case_id, None))
+        seen = {case_id: self._channel_path(images, case_id, 0) for case_id in train_ids}
+        for folder, case_id in self._unlabelled():
+            path = self._channel_path(folder, case_id, 0)
+            if case_id in seen:
+                raise InputError(path, f"case id '{case_id}' is also used by {seen[case_id]}")
+            seen[case_id] = path
+            cases.append(self._case(folder, case_id, None))
         return cases
+
+    def _unlabelled(self) -> list[tuple[Path, str]]:
+        """(folder, case id) of the unlabelled pre-training images: ``imagesUnlabelled/`` and
+        the folders or globs of ``data.unlabelled`` (relative to the root). ``imagesTs`` is
+        what ``contraseg predict`` segments and only joins when listed there."""
+        found: list[tuple[Path, str]] = []
+        default = self.root / "imagesUnlabelled"
+        if default.is_dir():
+            found += [(default, case_id) for case_id in self._list_images(default)]
+        for entry in self.config.unlabelled:
+            pattern = Path(entry) if Path(entry).is_absolute() else self.root / entry
+            if pattern.is_dir():
+                found += [(pattern, case_id) for case_id in self._list_images(pattern)]
+                continue
+            matches = sorted(Path(p) for p in glob.glob(str(pattern)))
+            if not matches:
+                raise InputError(pattern, "data.unlabelled: no folder or file matches")
+            cases: dict[Path, set[str]] = {}
+            for path in matches:
+                stem = strip_ending(path.name, (self._ending,))
+                match = _CHANNEL_STEM.match(stem) if stem is not None else None
+                if match is None or not path.is_file():
+                    raise InputError(
+                        path,
+                        f"data.unlabelled: expected {{case}}_{{0000..}}{self._ending} files "
+                        "or folders of them",
+                    )
+                cases.setdefault(path.parent, set()).add(match["case"])
+            for folder, ids in cases.items():
+                for case_id in sorted(ids):
+                    for channel in range(self.in_channels):
+                        if not self._channel_path(folder, case_id, channel).is_file():
+                            raise InputError(
+                                self._channel_path(folder, case_id, channel), "file not found"
+                            )
+                    found.append((folder, case_id))
+        return found
 
     # -- split ------------------------------------------------------------------------------
 
     def split(self, seed: int) -> Split:
-        """The split of the module docstring: generated, or fold 0 of ``splits_final.json``."""
+        """Fold ``data.fold`` of ``splits_final.json`` when there is one (train/val as nnU-Net
+        reads it, no test set), else a generated split; unlabelled cases only ever join the
+        pre-training pool."""
         labelled = [c.case_id for c in self._cases if c.label is not None]
         unlabelled = tuple(c.case_id for c in self._cases if c.label is None)
         folds_path = self.root / "splits_final.json"
-        if not folds_path.is_file():
+        if folds_path.is_file():
+            train, val = self._fold(folds_path, set(labelled), self.config.fold)
+            split = fold_split(train, val, seed, f"{folds_path} fold {self.config.fold}")
+        else:
             split = generated_split(labelled, seed)
-            return dataclasses.replace(split, pretrain=split.pretrain + unlabelled)
-        test = self._fold0_val(folds_path, set(labelled))
-        rest = generated_split([c for c in labelled if c not in test], seed)
-        train = rest.pretrain + rest.test
-        return dataclasses.replace(
-            rest,
-            pretrain=train + unlabelled,
-            test=tuple(sorted(test)),
-            benchmark=LabelledSet(train, rest.benchmark.val) if rest.benchmark else None,
-            source=f"{folds_path} fold 0 as test; {rest.source} of the rest",
-        )
+        return dataclasses.replace(split, pretrain=split.pretrain + unlabelled)
 
     @staticmethod
-    def _fold0_val(path: Path, labelled: set[str]) -> set[str]:
+    def _fold(path: Path, labelled: set[str], fold: int) -> tuple[list[str], list[str]]:
+        """The train and val case lists of one fold, each case labelled, none in both."""
         folds = load_json(path)
-        fold = folds[0] if isinstance(folds, list) and folds else None
-        if not isinstance(fold, dict) or not isinstance(fold.get("val"), list) or not fold["val"]:
-            raise InputError(path, "expected a list of folds, fold 0 with a non-empty 'val' list")
-        unknown = sorted(str(c) for c in fold["val"] if not isinstance(c, str) or c not in labelled)
-        if unknown:
-            raise InputError(path, f"fold 0 'val' names cases not in imagesTr/labelsTr: {unknown}")
-        return set(fold["val"])
+        if not isinstance(folds, list) or not folds:
+            raise InputError(path, 'expected a list of folds {"train": [...], "val": [...]}')
+        if fold >= len(folds):
+            raise InputError(path, f"data.fold={fold}, but the file has folds 0..{len(folds) - 1}")
+        entry = folds[fold]
+        lists = []
+        for key in ("train", "val"):
+            ids = entry.get(key) if isinstance(entry, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+                raise InputError(path, f"fold {fold}: '{key}' must be a list of case ids")
+            unknown = sorted(c for c in ids if c not in labelled)
+            if unknown:
+                raise InputError(
+                    path, f"fold {fold} '{key}' names cases not in imagesTr/labelsTr: {unknown}"
+                )
+            lists.append(list(dict.fromkeys(ids)))
+        train, val = lists
+        if not train:
+            raise InputError(path, f"fold {fold}: 'train' is empty")
+        both = sorted(set(train) & set(val))
+        if both:
+            raise InputError(path, f"fold {fold}: cases in both train and val: {both}")
+        return train, val
 
     # -- derived spacing and size -----------------------------------------------------------
 
