@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -142,6 +143,30 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(check_out_dir(args.out), quick=args.quick, device=args.device)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (tests and tools swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """The stream is always the current ``sys.stderr``."""
+
+
+def _configure_logging(debug: bool) -> None:
+    """Library warnings (an unusual scan, say) as one line each on stderr; debug messages
+    (what nibabel had to say about a header) only with ``--debug``."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("contraseg: %(levelname)s: %(message)s"))
+    level = logging.DEBUG if debug else logging.WARNING
+    handler.setLevel(level)
+    logger = logging.getLogger("contraseg")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="contraseg",
@@ -246,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging(args.debug)
     try:
         code = args.handler(args)
     except InputError as err:

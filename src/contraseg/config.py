@@ -135,6 +135,11 @@ class DataConfig:
         length=(2, 2),
         ordered="increasing",
     )
+    normalise_mask: Literal["none", "nonzero", "otsu"] = option(
+        "none",
+        help="take the percentiles inside the foreground (nonzero: skull-stripped or masked "
+        "scans; otsu: a thresholded body) and zero the rest",
+    )
     frames: list[Literal["ED", "ES"]] = option(
         help="cardiac frames to read: [ED], [ES] or [ED, ES]",
         factory=lambda: ["ED"],

@@ -81,10 +81,10 @@ def test_changed_input_reprepares_only_that_case(phantom_root: Path) -> None:
 def test_changed_params_reprepare_everything(phantom_root: Path) -> None:
     first = prepare_dataset(_config(phantom_root), progress=False)
     cfg = _config(phantom_root)
-    cfg.size = [24, 28]
+    cfg.size = [64, 32]
     second = prepare_dataset(cfg, progress=False)
     assert all(first.cases[c].image_path != second.cases[c].image_path for c in first.cases)
-    assert second.cases["patient001"].image.shape[2:] == (24, 28)
+    assert second.cases["patient001"].image.shape[2:] == (64, 32)
     assert not any(c.image_path.exists() for c in first.cases.values())
 
 
@@ -124,7 +124,7 @@ def test_failure_keeps_the_previous_cache_intact(phantom_root: Path) -> None:
     image = phantom_root / "patient004" / "patient004_frame01.nii.gz"
     image.write_bytes(b"\x1f\x8b garbage")
     cfg = _config(phantom_root)
-    cfg.size = [24, 24]  # every case must be re-prepared: patient004 fails midway
+    cfg.size = [64, 64]  # every case must be re-prepared: patient004 fails midway
     with pytest.raises(InputError):
         prepare_dataset(cfg, progress=False)
     assert _snapshot(cache_dir) == before
@@ -222,9 +222,9 @@ def test_a_tampered_manifest_is_not_trusted(phantom_root: Path, tmp_path: Path, 
     manifest["cases"]["patient001"]["files"]["image"]["name"] = name
     manifest_path.write_text(json.dumps(manifest))
     cfg = _config(phantom_root)
-    cfg.size = [24, 24]
+    cfg.size = [64, 64]
     second = prepare_dataset(cfg, progress=False)
-    assert second.cases["patient001"].image.shape[2:] == (24, 24)
+    assert second.cases["patient001"].image.shape[2:] == (64, 64)
     assert victim.read_bytes() == b"keep"
     assert (first.cache_dir / "patient001" / "notes.txt").is_file()
     assert first.cases["patient002"].image_path.exists()  # untrusted: not deleted either

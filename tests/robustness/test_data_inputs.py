@@ -355,7 +355,7 @@ def test_nibabel_header_fixes_print_nothing(sandbox, run_cli, caplog) -> None:
     path = root / "patient001" / "patient001_frame01.nii.gz"
     negative = _nifti_bytes(np.asarray(nib.load(path).dataobj), pixdim=(-1.5, 1.5, 8.0))
     path.write_bytes(gzip.compress(negative))
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.DEBUG, logger="contraseg.data"):
         assert _prepare(run_cli, root, None, codes=(0,)).err == ""
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("pixdim" in r.getMessage() for r in caplog.records if r.name == "contraseg.data")

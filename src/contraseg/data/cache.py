@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -49,7 +50,14 @@ from tqdm import tqdm
 
 from contraseg import fileio
 from contraseg.config import DataConfig
-from contraseg.data.preprocess import GridInfo, PreprocessParams, params_for, preprocess_volume
+from contraseg.data.preprocess import (
+    GridInfo,
+    IntensityProfile,
+    PreprocessParams,
+    params_for,
+    preprocess_volume,
+    unusual_intensity,
+)
 from contraseg.data.readers import get_reader
 from contraseg.data.readers.base import Reader
 from contraseg.data.volume import CaseFiles, check_case_id
@@ -58,7 +66,8 @@ from contraseg.errors import InputError
 MANIFEST = "manifest.json"
 MARKER = "CACHEDIR.TAG"
 PENDING = ".pending.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: per-case intensity profiles
+logger = logging.getLogger(__name__)
 # The Cache Directory Tagging Specification (https://bford.info/cachedir/): backup tools skip
 # the folder. The second line tells our marker from another tool's.
 MARKER_TEXT = (
@@ -112,6 +121,7 @@ class PreparedDataset:
     params: PreprocessParams
     cases: dict[str, PreparedCase]
     label_counts: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    intensity: dict[str, IntensityProfile] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -432,6 +442,7 @@ def _prepare_case(
         "num_slices": int(image.shape[0]),
         "grid": grid.to_json(),
         "label_counts": counts,
+        "intensity": IntensityProfile.of(volume.image).to_json(),
     }
 
 
@@ -529,7 +540,20 @@ def prepare_dataset(
             fileio.write_json(cache_dir / MANIFEST, manifest)
         _remove_own(cache_dir, (_names(old) | leftovers | set(written)) - _names(manifest))
         (cache_dir / PENDING).unlink(missing_ok=True)
-    return _load(manifest, root, cache_dir, params)
+    prepared = _load(manifest, root, cache_dir, params)
+    if todo:  # said once, when cases are (re)prepared, not at every start of a run
+        _warn_unusual(prepared, {case.case_id: case.image for case in cases})
+    return prepared
+
+
+def _warn_unusual(prepared: PreparedDataset, sources: dict[str, Path]) -> None:
+    """One warning line per case whose intensities lie far outside the labelled cases'."""
+    labelled = [c for c in prepared.cases.values() if c.label_path is not None]
+    for case_id, profile in prepared.intensity.items():
+        references = [prepared.intensity[c.case_id] for c in labelled if c.case_id != case_id]
+        message = unusual_intensity(profile, references)
+        if message:
+            logger.warning("%s: %s", sources[case_id], message)
 
 
 def _path(cache_dir: Path, record: dict[str, Any] | None) -> Path | None:
@@ -541,7 +565,9 @@ def _load(
 ) -> PreparedDataset:
     cases = {}
     counts = {}
+    intensity = {}
     for case_id, entry in manifest["cases"].items():
+        intensity[case_id] = IntensityProfile(**entry["intensity"])
         files = entry["files"]
         cases[case_id] = PreparedCase(
             case_id=case_id,
@@ -562,4 +588,5 @@ def _load(
         params=params,
         cases=cases,
         label_counts=counts,
+        intensity=intensity,
     )

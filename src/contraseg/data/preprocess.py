@@ -2,9 +2,10 @@
 
 Steps, in order: optional N4 bias correction (SimpleITK, convergence threshold 0.001, 4 levels
 x 50 iterations, Otsu foreground mask); per-volume, per-channel p1/p99 normalisation
-``(x - p1) / (p99 - p1)`` without clipping; in-plane resampling slice by slice to the target
-spacing (image bilinear, label nearest; never through-plane); centre crop or zero-pad to the
-fixed size. The :class:`GridInfo` of each volume records what is needed to map a prediction back
+``(x - p1) / (p99 - p1)`` without clipping (with ``data.normalise_mask`` the percentiles come
+from the foreground only and the background is set to 0, see :func:`foreground_mask`);
+in-plane resampling slice by slice to the target spacing (image bilinear, label nearest; never
+through-plane); centre crop or zero-pad to the fixed size. The :class:`GridInfo` of each volume records what is needed to map a prediction back
 onto the native grid: undo the crop/pad (background outside), resize to the native in-plane
 shape, and for probabilities take the argmax after the bilinear resize, as the paper does.
 
@@ -16,17 +17,18 @@ inverse resizes are each other's mirror image and sizes are exact.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from contraseg.config import DataConfig
+from contraseg.config import DataConfig, validate
 from contraseg.data.readers.base import Reader
 from contraseg.data.volume import Volume
-from contraseg.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -37,29 +39,25 @@ class PreprocessParams:
     size: tuple[int, int]
     n4: bool
     percentiles: tuple[float, float]
+    normalise_mask: NormaliseMask = "none"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def params_for(config: DataConfig, reader: Reader) -> PreprocessParams:
-    """The config's values where given, else the reader's defaults; bad values name the key."""
+    """The config's values where given, else the reader's defaults. The config is validated
+    here too (:func:`contraseg.config.validate`), for configs built in code rather than loaded."""
+    validate(config, prefix="data.")
     spacing = reader.default_spacing if config.target_spacing is None else config.target_spacing
     size = reader.default_size if config.size is None else config.size
-    if len(spacing) != 2 or min(spacing) <= 0:
-        raise InputError(
-            "data.target_spacing", f"needs 2 positive in-plane values, got {list(spacing)}"
-        )
-    if len(size) != 2 or min(size) < 1:
-        raise InputError("data.size", f"needs 2 positive in-plane sizes, got {list(size)}")
-    p = config.percentiles
-    if len(p) != 2 or not 0 <= p[0] < p[1] <= 100:
-        raise InputError("data.percentiles", f"needs [low, high] with 0 <= low < high <= 100: {p}")
+    low, high = config.percentiles
     return PreprocessParams(
         target_spacing=(float(spacing[0]), float(spacing[1])),
         size=(int(size[0]), int(size[1])),
         n4=bool(config.n4),
-        percentiles=(float(p[0]), float(p[1])),
+        percentiles=(float(low), float(high)),
+        normalise_mask=config.normalise_mask,
     )
 
 
@@ -116,17 +114,111 @@ def n4_correct(image: np.ndarray, spacing: tuple[float, float, float]) -> np.nda
     return sitk.GetArrayFromImage(corrected).transpose(2, 1, 0).astype(np.float32)
 
 
-def normalise(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+NormaliseMask = Literal["none", "nonzero", "otsu"]
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The threshold that maximises the between-class variance of ``values`` (Otsu, 1979)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.min() == finite.max():
+        return float(finite.min()) if finite.size else 0.0
+    counts, edges = np.histogram(finite, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts).astype(np.float64)
+    mean = np.cumsum(counts * centres)
+    total, total_mean = weight[-1], mean[-1]
+    background = weight[:-1]
+    foreground = total - background
+    between = (total_mean * background / total - mean[:-1]) ** 2 / (background * foreground)
+    between[(background == 0) | (foreground == 0)] = -1.0
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def foreground_mask(image: np.ndarray, mode: NormaliseMask) -> np.ndarray | None:
+    """The (X, Y, Z) foreground of an (X, Y, Z, C) image, or None for ``"none"``.
+
+    ``nonzero``: voxels where any channel is not 0 (skull-stripped or masked scans, nnU-Net's
+    ``use_mask_for_norm``); ``otsu``: channel 0 above its Otsu threshold. Either way only the
+    largest connected region is kept, with its holes filled, so that a frame, a burnt-in
+    annotation or noise outside the body does not count. An empty result falls back to the
+    whole volume.
+    """
+    if mode == "none":
+        return None
+    if mode == "nonzero":
+        raw = np.any(image != 0, axis=-1)
+    else:
+        raw = image[..., 0] > otsu_threshold(image[..., 0])
+    regions, count = ndimage.label(raw)
+    if count == 0:
+        return np.ones(image.shape[:3], bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(regions == int(np.argmax(sizes)))
+
+
+def normalise(
+    image: np.ndarray, percentiles: tuple[float, float], mask: np.ndarray | None = None
+) -> np.ndarray:
     """``(x - p_low) / (p_high - p_low)`` per channel of (X, Y, Z, C); no clipping.
 
-    A constant channel (p_high == p_low) is only shifted, so it becomes 0 instead of NaN.
+    With a ``mask`` the percentiles are taken inside it and the voxels outside are set to 0, as
+    nnU-Net does for masked normalisation. A constant channel (p_high == p_low) is only
+    shifted, so it becomes 0 instead of NaN.
     """
     out = np.empty_like(image, dtype=np.float32)
     for c in range(image.shape[-1]):
-        low, high = np.percentile(image[..., c], percentiles)
+        channel = image[..., c]
+        low, high = np.percentile(channel if mask is None else channel[mask], percentiles)
         scale = high - low if high > low else 1.0
-        out[..., c] = (image[..., c] - low) / scale
+        out[..., c] = (channel - low) / scale
+    if mask is not None:
+        out[~mask] = 0.0
     return out
+
+
+@dataclass(frozen=True)
+class IntensityProfile:
+    """What tells a skull-stripped (or masked) scan from one that is not, before normalising:
+    the share of the volume in its largest non-zero region (about 1 for a scan with noise
+    everywhere, the organ's share for a masked one)."""
+
+    foreground_fraction: float
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> IntensityProfile:
+        return cls(float(np.mean(foreground_mask(image, "nonzero"))))
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# differences smaller than these are never unusual, however alike the reference cases are
+PROFILE_TOLERANCE = {"foreground_fraction": 0.1}
+
+
+def unusual_intensity(
+    profile: IntensityProfile, references: Sequence[IntensityProfile]
+) -> str | None:
+    """A one-line description of how ``profile`` lies far outside ``references`` (the training
+    cases), or None. Far: more than 3 spreads from their median, the spread being 1.4826 MAD
+    but at least :data:`PROFILE_TOLERANCE`."""
+    if not references:
+        return None
+    problems = []
+    for name, tolerance in PROFILE_TOLERANCE.items():
+        values = np.array([getattr(r, name) for r in references])
+        centre = float(np.median(values))
+        spread = max(1.4826 * float(np.median(np.abs(values - centre))), tolerance)
+        value = getattr(profile, name)
+        if abs(value - centre) > 3 * spread:
+            problems.append(f"{name.replace('_', ' ')} {value:.2f} vs {centre:.2f}")
+    if not problems:
+        return None
+    return (
+        f"intensities unlike the training cases' ({'; '.join(problems)}): is one skull-stripped "
+        "or masked and the other not? Consider data.normalise_mask (docs/own-data.md)"
+    )
 
 
 def _resampled_shape(
@@ -172,7 +264,7 @@ def preprocess_volume(
         image = np.stack(
             [n4_correct(image[..., c], volume.spacing) for c in range(image.shape[-1])], axis=-1
         )
-    image = normalise(image, params.percentiles)
+    image = normalise(image, params.percentiles, foreground_mask(image, params.normalise_mask))
     shape = _resampled_shape(image.shape, volume.spacing, params.target_spacing)
     crop_pad = [_crop_offsets(r, s) for r, s in zip(shape, params.size, strict=True)]
     crop = (crop_pad[0][0], crop_pad[1][0])
