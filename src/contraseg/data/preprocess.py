@@ -1,18 +1,18 @@
 """Preprocessing of one volume as in the paper (method_spec section 5), and its exact inverse.
 
-Steps, in order: optional N4 bias correction (SimpleITK, convergence threshold 0.001, 4 levels
-x 50 iterations, Otsu foreground mask); per-volume, per-channel p1/p99 normalisation
-``(x - p1) / (p99 - p1)`` without clipping (with ``data.normalise_mask`` the percentiles come
-from the foreground only and the background is set to 0, see :func:`foreground_mask`);
-in-plane resampling slice by slice to the target spacing (image bilinear, label nearest; never
-through-plane); centre crop or zero-pad to the fixed size. The :class:`GridInfo` of each volume records what is needed to map a prediction back
-onto the native grid: undo the crop/pad (background outside), resize to the native in-plane
-shape, and for probabilities take the argmax after the bilinear resize, as the paper does.
+Steps, in order: optional N4 bias correction (SimpleITK, convergence threshold 0.001, 4 levels x
+50 iterations, Otsu foreground mask); per-volume, per-channel p1/p99 normalisation ``(x - p1) /
+(p99 - p1)`` without clipping (with ``data.normalise_mask`` the percentiles come from the
+foreground only and the background is set to 0, see :func:`foreground_mask`); in-plane
+resampling slice by slice to the target spacing (image bilinear, label nearest; never through-
+plane); centre crop or zero-pad to the fixed size. The :class:`GridInfo` of each volume records
+what is needed to map a prediction back onto the native grid: undo the crop/pad (background
+outside), resize to the native in-plane shape, and for probabilities take the argmax after the
+bilinear resize, as the paper does.
 
 Resampling uses ``torch.nn.functional.interpolate`` with explicit output sizes (half-pixel
 centres: ``bilinear`` with ``align_corners=False`` and ``nearest-exact``), so forward and
-inverse resizes are each other's mirror image and sizes are exact.
-"""
+inverse resizes are each other's mirror image and sizes are exact."""
 
 from __future__ import annotations
 
