@@ -12,7 +12,8 @@ bilinear resize, as the paper does.
 
 Resampling uses ``torch.nn.functional.interpolate`` with explicit output sizes (half-pixel
 centres: ``bilinear`` with ``align_corners=False`` and ``nearest-exact``), so forward and
-inverse resizes are each other's mirror image and sizes are exact."""
+inverse resizes are each other's mirror image and sizes are exact.
+"""
 
 from __future__ import annotations
 
