@@ -126,15 +126,21 @@ def pretraining_sampler(
 
 
 def local_embedder(
-    unet: UNet, loss: LocalLossConfig, model: ModelConfig, height: int, width: int
+    unet: UNet,
+    loss: LocalLossConfig,
+    model: ModelConfig,
+    height: int,
+    width: int,
+    section: str = "loss",
 ) -> tuple[LocalEmbedder, torch.Tensor | None]:
-    """g2 on d_l for ``height`` x ``width`` inputs, and the official negatives (None: all)."""
+    """g2 on d_l for ``height`` x ``width`` inputs, and the official negatives (None: all);
+    errors name the config ``section`` that holds ``loss``."""
     blocks = loss.decoder_blocks
     scale = 2 ** (5 - blocks)
     try:
         grid = official_region_grid(height // scale, width // scale, loss.region_size)
     except ValueError as err:
-        raise InputError(None, f"loss.decoder_blocks={blocks}: {err}") from None
+        raise InputError(None, f"{section}.decoder_blocks={blocks}: {err}") from None
     embedder = LocalEmbedder(
         unet.decoder_channels(blocks),
         grid.corners,
