@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from contraseg.config import FinetuneRun, PretrainJointRun
+from contraseg.config import PretrainJointRun
 from contraseg.training.checkpoint import load_weights
 from contraseg.training.joint import JointPretrainer, run_pretrain_joint
-from contraseg.training.stages import Finetuner
 
 SMALL = (
     "global_loss.volumes_per_batch=2",
@@ -37,16 +36,8 @@ def test_the_product_holds_encoder_decoder_blocks_and_both_heads(joint_run):
 
 
 @pytest.mark.parametrize("init", ["encoder", "encoder+decoder"])
-def test_finetune_takes_the_joint_weights(joint_run, tiny_config, tmp_path, init):
-    config = tiny_config(FinetuneRun, f"finetune.init={init}", f"finetune.pretrained={joint_run}")
-    trainer = Finetuner(config, tmp_path / "ft")
-    trainer.setup()
-    pretrained = load_weights(joint_run / "weights.safetensors")
-    prefixes = ("encoder.", "decoder.") if init == "encoder+decoder" else ("encoder.",)
-    expected = sorted(k for k in pretrained if k.startswith(prefixes))
-    assert trainer.transferred == expected
-    own = trainer.unet.state_dict()
-    assert all(torch.equal(own[k], pretrained[k]) for k in expected)
+def test_finetune_takes_the_joint_weights(joint_run, assert_finetune_takes, init):
+    assert_finetune_takes(joint_run, init)
 
 
 def _gradients(tiny_config, tmp_path, lam: float) -> dict[str, torch.Tensor]:

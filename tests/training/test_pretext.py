@@ -132,17 +132,8 @@ def test_each_pretext_run_writes_its_parts(pretext_runs, task, blocks):
         ("context_restoration", "encoder"),
     ],
 )
-def test_finetune_takes_the_pretext_weights(pretext_runs, tiny_config, tmp_path, task, init):
-    source = pretext_runs[task]
-    config = tiny_config(FinetuneRun, f"finetune.init={init}", f"finetune.pretrained={source}")
-    trainer = Finetuner(config, tmp_path / "ft")
-    trainer.setup()
-    pretrained = load_weights(source / "weights.safetensors")
-    prefixes = ("encoder.", "decoder.") if init == "encoder+decoder" else ("encoder.",)
-    expected = sorted(k for k in pretrained if k.startswith(prefixes))
-    assert trainer.transferred == expected
-    own = trainer.unet.state_dict()
-    assert all(torch.equal(own[k], pretrained[k]) for k in expected)
+def test_finetune_takes_the_pretext_weights(pretext_runs, assert_finetune_takes, task, init):
+    assert_finetune_takes(pretext_runs[task], init)
 
 
 def test_rotation_weights_have_no_decoder_for_encoder_plus_decoder(
