@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from contraseg.config import RUN_CLASSES as RUN_CLASS_OF
 from contraseg.config import (
     FinetuneRun,
     PretrainGlobalRun,
+    PretrainJointRun,
     PretrainLocalRun,
+    PretrainPretextRun,
     load_config,
     parse_overrides,
     save_config,
@@ -93,6 +96,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 RUN_CLASSES = {
     "pretrain_global": PretrainGlobalRun,
     "pretrain_local": PretrainLocalRun,
+    "pretrain_joint": PretrainJointRun,
+    "pretrain_pretext": PretrainPretextRun,
     "finetune": FinetuneRun,
 }
 
@@ -105,3 +110,36 @@ def test_every_shipped_config_validates(path):
 
 def test_configs_are_shipped():
     assert len(CONFIGS) >= 12
+
+
+@pytest.mark.parametrize("key", ["pseudo_threshold=0.5", "pseudo_fraction=0.25"])
+def test_self_training_keys_need_self_training_rounds(key):
+    with pytest.raises(InputError, match=rf"'finetune.{key.split('=')[0]}'.*self_training_rounds"):
+        load_config(FinetuneRun, overrides=[f"finetune.{key}"])
+    config = load_config(
+        FinetuneRun, overrides=[f"finetune.{key}", "finetune.self_training_rounds=1"]
+    )
+    assert config.finetune.self_training_rounds == 1
+
+
+@pytest.mark.parametrize(
+    ("task", "key", "used_by"),
+    [
+        ("rotation", "boxes=2", "inpainting"),
+        ("rotation", "decoder_blocks=3", "inpainting and context_restoration"),
+        ("inpainting", "swaps=3", "context_restoration"),
+        ("context_restoration", "box_fraction=[0.1,0.2]", "inpainting"),
+    ],
+)
+def test_pretext_keys_of_another_task_are_refused(task, key, used_by):
+    overrides = [f"pretext.task={task}", f"pretext.{key}"]
+    with pytest.raises(InputError, match=rf"'pretext.{key.split('=')[0]}'.*task {used_by}$"):
+        load_config(PretrainPretextRun, overrides=overrides)
+
+
+def test_new_run_classes_are_commands():
+    assert RUN_CLASS_OF["pretrain-joint"] is PretrainJointRun
+    assert RUN_CLASS_OF["pretrain-pretext"] is PretrainPretextRun
+    assert load_config(PretrainJointRun, overrides=["lambda_local=100"]).lambda_local == 100.0
+    with pytest.raises(InputError, match="lambda_local"):
+        load_config(PretrainJointRun, overrides=["lambda_local=-1"])

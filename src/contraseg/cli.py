@@ -70,13 +70,15 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 def _run_stage(args: argparse.Namespace, stage: str) -> None:
     from contraseg.config import RUN_CLASSES, load_config
-    from contraseg.training import stages
+    from contraseg.training import joint, pretext, stages
 
     out = check_out_dir(args.out)
     config = load_config(RUN_CLASSES[stage], args.config, args.overrides)
     runner = {
         "pretrain-global": stages.run_pretrain_global,
         "pretrain-local": stages.run_pretrain_local,
+        "pretrain-joint": joint.run_pretrain_joint,
+        "pretrain-pretext": pretext.run_pretrain_pretext,
         "finetune": stages.run_finetune,
     }[stage]
     runner(config, out, device=args.device, fresh=args.fresh)
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("pretrain-global", "Stage 1: encoder + g1 with the global loss."),
         ("pretrain-local", "Stage 2: decoder blocks d_l + g2 with the local loss, encoder frozen."),
         ("finetune", "Stage 3: fine-tune the whole UNet on labelled volumes."),
+        ("pretrain-joint", "Stages 1 and 2 at once: e, d_l, g1, g2 with L_g + lambda * L_l."),
+        ("pretrain-pretext", "Baseline: pre-train on rotation, inpainting or context restoration."),
     ):
         p = command(name, functools.partial(_run_stage, stage=name), text)
         _add_run_args(p)
@@ -258,7 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Every key with type, default and help; with --config or key=value, the resolved config.",
         where=config_sub,
     )
-    show.add_argument("stage", choices=["prepare", "pretrain-global", "pretrain-local", "finetune"])
+    show.add_argument(
+        "stage",
+        choices=[
+            "prepare",
+            "pretrain-global",
+            "pretrain-local",
+            "finetune",
+            "pretrain-joint",
+            "pretrain-pretext",
+        ],
+    )
     _add_config_args(show)
 
     p = command("demo", _cmd_demo, "The whole method end to end on the embedded phantom.")

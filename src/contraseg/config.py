@@ -347,7 +347,9 @@ class FinetuneConfig:
         "random", help="what is loaded from finetune.pretrained"
     )
     pretrained: str = option(
-        "", help="run directory of pretrain-global (encoder) or pretrain-local", path=True
+        "",
+        help="run directory of a pre-training stage (pretrain-global, -local, -joint, -pretext)",
+        path=True,
     )
     loss: Literal["dice", "dice_fg", "ce", "dice_ce"] = option(
         "dice", help="segmentation loss (docs/training.md)"
@@ -355,6 +357,43 @@ class FinetuneConfig:
     val_every: int = option(
         50, help="iterations between validations (model selection)", low=1, high=ITERATIONS_MAX
     )
+    # Extensions (docs/extensions.md); off by default.
+    mixup_alpha: float = option(
+        0.0,
+        help="Mixup: images and one-hot labels mixed with lam ~ Beta(alpha, alpha) "
+        "(Zhang et al. 2018; the official helper's alpha is 0.1); 0: off",
+        low=0.0,
+        high=1000.0,
+    )
+    self_training_rounds: int = option(
+        0,
+        help="self-training rounds after the first fine-tune, each on labelled + "
+        "pseudo-labelled slices of the unlabelled pre-training volumes; 0: off",
+        low=0,
+        high=100,
+    )
+    pseudo_threshold: float = option(
+        0.9,
+        help="self-training: pseudo-labelled pixels whose largest softmax probability is below "
+        "this are ignored by the loss",
+        low=0.0,
+        high=1.0,
+    )
+    pseudo_fraction: float = option(
+        0.5,
+        help="self-training: share of each batch drawn from pseudo-labelled slices (at least "
+        "one slice of each kind)",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+    )
+
+    def check(self) -> None:
+        if not self.self_training_rounds:
+            base = FinetuneConfig()
+            for key in ("pseudo_threshold", "pseudo_fraction"):
+                if getattr(self, key) != getattr(base, key):
+                    raise InputError(key, "applies only with finetune.self_training_rounds > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,3 +789,114 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             help_text += f" [{', '.join(readers)} only]"
         rows.append((key, _type_name(tp), getattr(base, f.name), help_text))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and extensions of the paper (docs/extensions.md): joint pre-training of encoder and
+# decoder (supplement 3.4, Table 7) and the pretext-task initialisations (rotation, inpainting,
+# context restoration). Mixup and self-training are FinetuneConfig fields.
+
+
+@dataclass
+class PretrainJointRun:
+    """``contraseg pretrain-joint``: e, d_l, g1 and g2 in one stage, L = L_g + lambda * L_l."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+    model: ModelConfig = option(help="network", factory=ModelConfig)
+    global_loss: GlobalLossConfig = option(
+        help="global contrastive loss and its batch (as pretrain-global's loss)",
+        factory=GlobalLossConfig,
+    )
+    local_loss: LocalLossConfig = option(
+        help="local contrastive loss and its batch (as pretrain-local's loss)",
+        factory=LocalLossConfig,
+    )
+    lambda_local: float = option(
+        1.0,
+        help="weight of the local loss, L = L_g + lambda * L_l (supplement Table 7: 1, 10, "
+        "100, 1000)",
+        low=0.0,
+        high=1e6,
+    )
+    optim: OptimConfig = option(help="optimiser and loop", factory=OptimConfig)
+    augment: PretrainAugmentConfig = option(
+        help="augmentation of the two views", factory=PretrainAugmentConfig
+    )
+    seed: int = option(0, **_SEED)
+
+
+PretextTask = Literal["rotation", "inpainting", "context_restoration"]
+# the keys of the pretext section each task reads (the others must keep their defaults)
+PRETEXT_KEYS: dict[str, tuple[str, ...]] = {
+    "rotation": (),
+    "inpainting": ("boxes", "box_fraction", "decoder_blocks"),
+    "context_restoration": ("swaps", "patch_fraction", "decoder_blocks"),
+}
+
+
+@dataclass
+class PretextConfig:
+    """The pretext task and its corruption (docs/extensions.md)."""
+
+    task: PretextTask = option(
+        "rotation",
+        help="rotation: predict 0/90/180/270 degrees (encoder); inpainting: restore zeroed "
+        "boxes; context_restoration: restore swapped patches (encoder + decoder)",
+    )
+    augment: bool = option(
+        True, help="crop-and-resize and brightness/contrast (the augment section) before the task"
+    )
+    boxes: int = option(1, help="inpainting: boxes zeroed per image", low=1, high=64)
+    box_fraction: list[float] = option(
+        help="inpainting: range of a box's side as a fraction of the image side "
+        "(official: 30 to 90 of 192 px)",
+        factory=lambda: [0.15625, 0.46875],
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        length=(2, 2),
+        ordered="non-decreasing",
+    )
+    swaps: int = option(
+        10, help="context restoration: pairs of patches swapped per image", low=1, high=4096
+    )
+    patch_fraction: float = option(
+        0.026,
+        help="context restoration: patch side as a fraction of the image side (official: 5 "
+        "of 192 px; at least 1 px)",
+        low=0.0,
+        low_open=True,
+        high=0.5,
+    )
+    decoder_blocks: int = option(
+        5,
+        help="inpainting, context restoration: decoder blocks d_1..d_l kept in the product "
+        "(all five are trained to reconstruct)",
+        low=1,
+        high=5,
+    )
+
+    def check(self) -> None:
+        base = PretextConfig()
+        for key in ("boxes", "box_fraction", "swaps", "patch_fraction", "decoder_blocks"):
+            if key not in PRETEXT_KEYS[self.task] and getattr(self, key) != getattr(base, key):
+                used = [task for task, keys in PRETEXT_KEYS.items() if key in keys]
+                raise InputError(key, f"applies only to pretext.task {' and '.join(used)}")
+
+
+@dataclass
+class PretrainPretextRun:
+    """``contraseg pretrain-pretext``: a pretext-task initialisation (baseline)."""
+
+    data: DataConfig = option(help="dataset and preprocessing", factory=DataConfig)
+    model: ModelConfig = option(help="network", factory=ModelConfig)
+    pretext: PretextConfig = option(help="pretext task", factory=PretextConfig)
+    optim: OptimConfig = option(help="optimiser and loop", factory=OptimConfig)
+    augment: PretrainAugmentConfig = option(
+        help="augmentation before the pretext transform", factory=PretrainAugmentConfig
+    )
+    seed: int = option(0, **_SEED)
+
+
+RUN_CLASSES.update({"pretrain-joint": PretrainJointRun, "pretrain-pretext": PretrainPretextRun})
+__all__ += ["PretextConfig", "PretrainJointRun", "PretrainPretextRun"]

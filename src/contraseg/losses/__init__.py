@@ -22,15 +22,19 @@ from contraseg.losses.local_contrastive import (
     local_pairs,
 )
 from contraseg.losses.segmentation import (
+    IGNORE_LABEL,
     SEGMENTATION_LOSSES,
     official_class_weights,
+    one_hot,
     segmentation_loss,
     soft_dice_loss,
+    split_ignored,
     weighted_cross_entropy,
 )
 
 __all__ = [
     "GLOBAL_STRATEGIES",
+    "IGNORE_LABEL",
     "LOCAL_STRATEGIES",
     "SEGMENTATION_LOSSES",
     "all_gather_with_grad",
@@ -43,7 +47,9 @@ __all__ = [
     "local_contrastive_loss",
     "local_pairs",
     "official_class_weights",
+    "one_hot",
     "segmentation_loss",
     "soft_dice_loss",
+    "split_ignored",
     "weighted_cross_entropy",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ from contraseg.config import (
     to_dict,
 )
 from contraseg.data.augment import finetune_augment, pretrain_view
-from contraseg.data.cache import PreparedDataset
+from contraseg.data.cache import PreparedCase, PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
+from contraseg.data.mixup import mixup, sample_mixup
 from contraseg.data.readers import get_reader
 from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
 from contraseg.data.splits import Split
@@ -51,12 +52,19 @@ from contraseg.losses import (
     global_contrastive_loss,
     local_chance_level,
     local_contrastive_loss,
+    one_hot,
     segmentation_loss,
 )
 from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_grid
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
 from contraseg.training.trainer import Trainer
+
+
+class SliceSource(Protocol):
+    """What a stage draws its batches from (the samplers of ``contraseg.data.sampling``)."""
+
+    def sample(self) -> SliceBatch: ...
 
 
 def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
@@ -79,7 +87,11 @@ def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = 
     if not any(k.startswith("encoder.") for k in state):
         raise InputError(source, "holds no encoder weights")
     if decoder and not any(k.startswith("decoder.") for k in state):
-        raise InputError(source, "holds no decoder blocks: give a pretrain-local run")
+        raise InputError(
+            source,
+            "holds no decoder blocks: give a run that pre-trained them (pretrain-local, "
+            "pretrain-joint, or pretrain-pretext with inpainting or context_restoration)",
+        )
     try:
         return load_partial(unet, state)
     except ValueError as err:
@@ -111,6 +123,32 @@ def pretraining_sampler(
     except ValueError as err:
         raise InputError(None, f"loss.volumes_per_batch: {err}") from None
     return sampler, volumes
+
+
+def local_embedder(
+    unet: UNet,
+    loss: LocalLossConfig,
+    model: ModelConfig,
+    height: int,
+    width: int,
+    section: str = "loss",
+) -> tuple[LocalEmbedder, torch.Tensor | None]:
+    """g2 on d_l for ``height`` x ``width`` inputs, and the official negatives (None: all);
+    errors name the config ``section`` that holds ``loss``."""
+    blocks = loss.decoder_blocks
+    scale = 2 ** (5 - blocks)
+    try:
+        grid = official_region_grid(height // scale, width // scale, loss.region_size)
+    except ValueError as err:
+        raise InputError(None, f"{section}.decoder_blocks={blocks}: {err}") from None
+    embedder = LocalEmbedder(
+        unet.decoder_channels(blocks),
+        grid.corners,
+        size=loss.region_size,
+        project=model.g2_project,
+        out=model.g2_out,
+    )
+    return embedder, grid.neg_index if loss.negatives == "official" else None
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,22 +233,12 @@ class LocalPretrainer(Trainer):
         load_pretrained(self.unet, cfg.encoder, "encoder")
         self.unet.encoder.requires_grad_(False)
 
-        blocks = loss_cfg.decoder_blocks
         height, width = volumes[0].shape[-2:]
-        scale = 2 ** (5 - blocks)
-        try:
-            grid = official_region_grid(height // scale, width // scale, loss_cfg.region_size)
-        except ValueError as err:
-            raise InputError(None, f"loss.decoder_blocks={blocks}: {err}") from None
-        self.neg_index = grid.neg_index if loss_cfg.negatives == "official" else None
-        self.embedder = LocalEmbedder(
-            self.unet.decoder_channels(blocks),
-            grid.corners,
-            size=loss_cfg.region_size,
-            project=cfg.model.g2_project,
-            out=cfg.model.g2_out,
+        self.embedder, self.neg_index = local_embedder(
+            self.unet, loss_cfg, cfg.model, height, width
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
+        blocks = loss_cfg.decoder_blocks
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
 
@@ -270,12 +298,7 @@ class Finetuner(Trainer):
                 )
         self.train_ids = tuple(labelled.train)
         self.num_classes = cfg.model.num_classes or prepared.num_classes
-        self.sampler = RandomSliceSampler(
-            [case.image for case in train],
-            cfg.optim.batch_size,
-            self.rng,
-            labels=[case.label for case in train],
-        )
+        self.sampler = self.train_sampler(train, split)
         self.unet = build_unet(cfg.model, prepared)
         self.transferred = self._initialise()
         self.model = self.unet.to(self.device)
@@ -285,6 +308,15 @@ class Finetuner(Trainer):
         self.segmenter = Segmenter([self.unet], [self.bundle], self.device)
         self.best_dice = -1.0
         self.best_iteration = 0
+
+    def train_sampler(self, train: list[PreparedCase], split: Split) -> SliceSource:
+        """Batches of ``optim.batch_size`` labelled slices (self-training adds pseudo-labels)."""
+        return RandomSliceSampler(
+            [case.image for case in train],
+            self.config.optim.batch_size,
+            self.rng,
+            labels=[case.label for case in train],
+        )
 
     def _initialise(self) -> list[str]:
         """Load ``e`` (or ``e`` + ``d_l``) from the pre-trained run; return the loaded keys."""
@@ -336,7 +368,18 @@ class Finetuner(Trainer):
         images, labels = finetune_augment(
             images, labels, self.config.augment, self.augment_generator
         )
-        return self.loss_fn(self.unet(images), labels), {}
+        target, ignore = self.targets(labels)
+        alpha = self.config.finetune.mixup_alpha
+        if alpha > 0:
+            lam, perm = sample_mixup(images.shape[0], alpha, self.rng)
+            images, target, ignore = mixup(
+                images, one_hot(target, self.num_classes), lam, perm, ignore
+            )
+        return self.loss_fn(self.unet(images), target, ignore), {}
+
+    def targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss's target and ignore mask for augmented labels (self-training adds one)."""
+        return labels, None
 
     def should_validate(self, iteration: int) -> bool:
         return iteration % self.config.finetune.val_every == 0
@@ -401,4 +444,9 @@ def run_pretrain_local(
 
 
 def run_finetune(config: FinetuneRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+    """One fine-tune, or with ``finetune.self_training_rounds`` the self-training rounds."""
+    if config.finetune.self_training_rounds:
+        from contraseg.training.self_training import run_self_training  # it builds on Finetuner
+
+        return run_self_training(config, out, device, fresh)
     return Finetuner(config, out, device).run(fresh)
