@@ -151,7 +151,7 @@ class _Fields:
     def section(self, key: str) -> _Fields:
         return _Fields(self.get(key), self.path, f"{self.where}.{key}" if self.where else key)
 
-    def int(self, key: str, low: int, high: int, optional: bool = False) -> Any:
+    def integer(self, key: str, low: int, high: int, optional: bool = False) -> Any:
         value = self.get(key)
         if value is None and optional:
             return None
@@ -159,7 +159,7 @@ class _Fields:
             raise self.error(key, f"must be an integer in {low}..{high}, got {value!r}")
         return value
 
-    def ints(self, key: str, low: int, high: int, length: int | None = None) -> tuple[int, ...]:
+    def integers(self, key: str, low: int, high: int, length: int | None = None) -> tuple[int, ...]:
         values = self.get(key)
         ok = isinstance(values, list) and all(
             isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values
@@ -169,7 +169,7 @@ class _Fields:
             raise self.error(key, f"must be a list of {count}integers in {low}..{high}")
         return tuple(values)
 
-    def floats(self, key: str, length: int, low: float, high: float) -> tuple[float, ...]:
+    def numbers(self, key: str, length: int, low: float, high: float) -> tuple[float, ...]:
         values = self.get(key)
         ok = (
             isinstance(values, list)
@@ -190,14 +190,14 @@ class _Fields:
             raise self.error(key, f"must be a number in {low:g}..{high:g}, got {value!r}")
         return float(value)
 
-    def str(self, key: str, choices: Sequence[str] = ()) -> Any:
+    def string(self, key: str, choices: Sequence[str] = ()) -> Any:
         value = self.get(key)
         if not isinstance(value, str) or (choices and value not in choices):
             wanted = f"one of {', '.join(choices)}" if choices else "a string"
             raise self.error(key, f"must be {wanted}, got {value!r}")
         return value
 
-    def strs(self, key: str, length: int | None = None) -> tuple[str, ...]:
+    def strings(self, key: str, length: int | None = None) -> tuple[str, ...]:
         values = self.get(key)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise self.error(key, "must be a list of strings")
@@ -205,7 +205,7 @@ class _Fields:
             raise self.error(key, f"must hold {length} names, got {len(values)}")
         return tuple(values)
 
-    def bool(self, key: str) -> bool:
+    def boolean(self, key: str) -> bool:
         value = self.get(key)
         if not isinstance(value, bool):
             raise self.error(key, f"must be true or false, got {value!r}")
@@ -232,52 +232,52 @@ def _parse(obj: Any, path: Path) -> ModelBundle:
     top = _Fields(obj, path, "")
     arch = top.section("architecture")
     architecture = Architecture(
-        widths=arch.ints("widths", 1, MAX_WIDTH, NUM_DECODER_BLOCKS + 1),
-        in_channels=arch.int("in_channels", 1, MAX_CHANNELS),
-        num_classes=arch.int("num_classes", 2, MAX_LABEL_VALUE + 1),
+        widths=arch.integers("widths", 1, MAX_WIDTH, NUM_DECODER_BLOCKS + 1),
+        in_channels=arch.integer("in_channels", 1, MAX_CHANNELS),
+        num_classes=arch.integer("num_classes", 2, MAX_LABEL_VALUE + 1),
     )
     classes = architecture.num_classes
-    names = top.strs("class_names", classes)
+    names = top.strings("class_names", classes)
     if len(set(names)) != len(names):
         raise top.error("class_names", "must be distinct")
-    values = top.ints("label_values", 0, MAX_LABEL_VALUE, classes)
+    values = top.integers("label_values", 0, MAX_LABEL_VALUE, classes)
     if len(set(values)) != len(values) or values[0] != 0:
         raise top.error("label_values", "must be distinct, with 0 (background) first")
     pre = top.section("preprocessing")
-    size = pre.ints("size", DOWNSAMPLING, MAX_SIZE, 2)
+    size = pre.integers("size", DOWNSAMPLING, MAX_SIZE, 2)
     if any(s % DOWNSAMPLING for s in size):
         raise pre.error("size", f"must be multiples of {DOWNSAMPLING}, got {list(size)}")
-    percentiles = pre.floats("percentiles", 2, 0.0, 100.0)
+    percentiles = pre.numbers("percentiles", 2, 0.0, 100.0)
     if percentiles[0] >= percentiles[1]:
         raise pre.error("percentiles", f"must be [low, high] with low < high: {list(percentiles)}")
-    channel = pre.int("channel", 0, MAX_CHANNELS - 1, optional=True)
+    channel = pre.integer("channel", 0, MAX_CHANNELS - 1, optional=True)
     if channel is not None and architecture.in_channels != 1:
         raise pre.error("channel", "must be null for a network of several input channels")
-    spacing = pre.floats("target_spacing", 2, 1e-6, 1e6)
+    spacing = pre.numbers("target_spacing", 2, 1e-6, 1e6)
     preprocessing = Preprocessing(
         target_spacing=(spacing[0], spacing[1]),
         size=(size[0], size[1]),
         percentiles=(percentiles[0], percentiles[1]),
-        n4=pre.bool("n4"),
+        n4=pre.boolean("n4"),
         channel=channel,
-        orientation=pre.str("orientation", ORIENTATIONS),
-        slice_axis=pre.int("slice_axis", SLICE_AXIS, SLICE_AXIS),
+        orientation=pre.string("orientation", ORIENTATIONS),
+        slice_axis=pre.integer("slice_axis", SLICE_AXIS, SLICE_AXIS),
     )
     prov = top.section("provenance")
     provenance = Provenance(
-        dataset=prov.str("dataset"),
-        labelled_set=prov.str("labelled_set"),
-        train_cases=prov.strs("train_cases"),
-        val_cases=prov.strs("val_cases"),
-        init=prov.str("init"),
-        pretrained=prov.str("pretrained"),
-        iterations=prov.int("iterations", 0, 2**62),
+        dataset=prov.string("dataset"),
+        labelled_set=prov.string("labelled_set"),
+        train_cases=prov.strings("train_cases"),
+        val_cases=prov.strings("val_cases"),
+        init=prov.string("init"),
+        pretrained=prov.string("pretrained"),
+        iterations=prov.integer("iterations", 0, 2**62),
         best_val_dice=prov.number("best_val_dice", 0.0, 1.0, optional=True),
-        best_iteration=prov.int("best_iteration", 0, 2**62, optional=True),
-        contraseg_version=prov.str("contraseg_version"),
-        config_sha256=prov.str("config_sha256"),
+        best_iteration=prov.integer("best_iteration", 0, 2**62, optional=True),
+        contraseg_version=prov.string("contraseg_version"),
+        config_sha256=prov.string("config_sha256"),
     )
-    absent = top.str("absent_classes", ABSENT_CLASSES) if version >= 2 else "count_as_one"
+    absent = top.string("absent_classes", ABSENT_CLASSES) if version >= 2 else "count_as_one"
     return ModelBundle(
         architecture=architecture,
         class_names=names,
