@@ -229,15 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="model folder (model.json + weights.safetensors); repeat to ensemble",
     )
     p.add_argument(
-        "-i", "--input", required=True, help="a .nii/.nii.gz file, a folder of them, or imagesTs"
+        "-i",
+        "--input",
+        required=True,
+        help="a .nii/.nii.gz file, a folder of them, or an nnU-Net imagesTs folder "
+        "({case}_0000, {case}_0001... are the channels of a case)",
     )
-    p.add_argument("-o", "--output", required=True, help="folder for the label maps")
-    p.add_argument("--tta", action="store_true", help="average over in-plane flips")
     p.add_argument(
-        "--save-probabilities", action="store_true", help="also write {case}.npz (float16)"
+        "-o", "--output", required=True, help="folder for the label maps ({case}.nii.gz)"
+    )
+    p.add_argument("--tta", action="store_true", help="average over in-plane flips (4x slower)")
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write {case}.npz: class probabilities (K, X, Y, Z) as float16",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (32)")
     p.add_argument("--device", default="auto", help=DEVICES)
 
     p = command(
@@ -249,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run directory of a finished finetune run")
     p.add_argument("--pred", help="folder of predicted label maps")
     p.add_argument("--ref", help="folder of reference label maps (matched by case name)")
-    p.add_argument("--labels", type=Path, help="dataset.json or model folder naming the classes")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="dataset.json or model folder naming the classes (default: the values found)",
+    )
     p.add_argument("--out", help="folder for the tables (default RUN/ or PRED/evaluation)")
     p.add_argument("--device", default="auto", help=DEVICES)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,29 +29,38 @@ def predict_to_folder(
     overwrite: bool = False,
     save_probs: bool = False,
 ) -> PredictReport:
-    """Segment every case of ``source`` into ``out_dir/{case}.nii.gz`` (and ``{case}.npz``).
+    """Segment every case of ``source`` into ``out_dir/{case}.nii.gz`` (``.nii`` for a ``.nii``
+    input) and, with ``save_probs``, ``out_dir/{case}.npz``.
 
-    A bad input is recorded and the others are still predicted; an existing output is kept
-    unless ``overwrite``. Each output is written atomically, so an interruption leaves only
+    A bad input is recorded and the others are still predicted; a case whose outputs all exist
+    is kept unless ``overwrite``; an output that would replace one of the inputs is refused
+    before anything runs. Each output is written atomically, so an interruption leaves only
     whole files.
     """
     report = PredictReport()
-    scans = find_scans(source)
-    for files in tqdm(scans, desc="predict", unit="vol", disable=None):
-        target = out_dir / f"{files.name}.nii.gz"
-        if target.exists() and not overwrite:
-            report.skipped.append(target)
+    scans = find_scans(Path(source))
+    inputs = {os.path.realpath(path) for files in scans for path in files.paths}
+    plan = []
+    for files in scans:
+        outputs = [out_dir / f"{files.name}{files.ending}"]
+        if save_probs:
+            outputs.append(out_dir / f"{files.name}.npz")
+        for output in outputs:
+            if os.path.realpath(output) in inputs:
+                raise InputError(output, "would overwrite an input scan: choose another --output")
+        plan.append((files, outputs))
+    for files, outputs in tqdm(plan, desc="predict", unit="vol", disable=None):
+        if not overwrite and all(output.exists() for output in outputs):
+            report.skipped.append(outputs[0])
             continue
         try:
             scan, prediction = segmenter.predict_scan(files, return_probabilities=save_probs)
         except InputError as err:
             report.failed.append(err)
             continue
-        write_label_map(target, prediction.labels, scan.header)
+        write_label_map(outputs[0], prediction.labels, scan.header)
         if save_probs:
             assert prediction.probabilities is not None
-            save_probabilities(
-                out_dir / f"{files.name}.npz", prediction.probabilities, scan, segmenter
-            )
-        report.written.append(target)
+            save_probabilities(outputs[1], prediction.probabilities, scan, segmenter)
+        report.written.append(outputs[0])
     return report

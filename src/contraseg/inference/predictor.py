@@ -5,14 +5,16 @@ It is the only inference path of contraseg: fine-tuning's validation, ``contrase
 validates with its ``nnUNetPredictor``. It needs no training code: a bundle
 (:mod:`contraseg.inference.bundle`) or a live network with its bundle is enough.
 
-Per volume: orient as the model's reader did, preprocess (normalise, resample in-plane, crop or
-pad), run the slices through the network in batches, optionally average over flips (TTA), take
-the softmax back to the native grid (un-crop, bilinear resize), average over the ensemble there,
-then argmax, un-orient and map class indices to the dataset's label values.
+Per volume and model: keep the channels the model takes, orient as the model's reader did,
+preprocess (normalise, resample in-plane, crop or pad), run the slices through the network in
+batches, optionally average over flips (TTA), take the softmax back to the native grid (un-crop,
+bilinear resize) and un-orient it; then average over the ensemble there, take the argmax and
+map class indices to the dataset's label values (docs/inference.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from contraseg import fileio
 from contraseg.data.cache import PreparedCase
 from contraseg.data.orientation import orient, unorient
 from contraseg.data.preprocess import PreprocessParams, preprocess_volume, probabilities_to_native
+from contraseg.data.readers.nifti import MAX_VOXELS
 from contraseg.data.volume import Volume
 from contraseg.errors import InputError
 from contraseg.inference.bundle import ModelBundle, load_bundle
@@ -50,26 +53,31 @@ def slice_probabilities(
 ) -> np.ndarray:
     """Softmax maps (Z, K, H, W) float32 of a preprocessed volume (Z, C, H, W), batched.
 
-    The network's train/eval mode is restored afterwards, so validation can call this in the
-    middle of training.
+    On CUDA the network runs under bf16 autocast (as in training); the softmax is taken in
+    float32. The network's train/eval mode is restored afterwards, so validation can call this
+    in the middle of training.
     """
     was_training = network.training
     network.eval()
     outputs = []
-    use_autocast = device.type == "cuda"
     flips = TTA_FLIPS if tta else ((),)
     for start in range(0, image.shape[0], batch_size):
         chunk = torch.from_numpy(np.array(image[start : start + batch_size], dtype=np.float32))
         chunk = chunk.to(device, non_blocking=True)
         total = None
         for dims in flips:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            autocast = (
+                torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda"
+                else contextlib.nullcontext()
+            )
+            with autocast:
                 logits = network(chunk.flip(dims) if dims else chunk)
             probs = torch.softmax(logits.float(), dim=1)
             probs = probs.flip(dims) if dims else probs
             total = probs if total is None else total + probs
         assert total is not None
-        outputs.append((total / len(flips)).cpu().numpy())
+        outputs.append((total / len(flips) if tta else total).cpu().numpy())
     network.train(was_training)
     return np.concatenate(outputs)
 
@@ -78,8 +86,42 @@ def slice_probabilities(
 class Prediction:
     """Labels on the input grid (label values) and, on request, the class probabilities."""
 
-    labels: np.ndarray  # (X, Y, Z) uint8 or uint16
-    probabilities: np.ndarray | None  # (K, X, Y, Z) float32
+    labels: np.ndarray  # the input's spatial shape, uint8 or uint16
+    probabilities: np.ndarray | None  # (K, *spatial shape) float32
+
+
+def _model_input(image: np.ndarray, bundle: ModelBundle, source: Path | None) -> np.ndarray:
+    """The channels of an (X, Y, Z, C) image that the model takes, or an error naming source.
+
+    A model trained on one channel of 4-D images (``preprocessing.channel``, MSD Prostate's T2)
+    keeps that channel of a multi-channel input and takes a one-channel input as it is.
+    """
+    channels = image.shape[3]
+    want = bundle.architecture.in_channels
+    pick = bundle.preprocessing.channel
+    if pick is not None and channels > 1:
+        if pick >= channels:
+            raise InputError(source, f"has {channels} channels; the model uses channel {pick}")
+        return image[..., pick : pick + 1]
+    if channels != want:
+        raise InputError(source, f"has {channels} channel(s); the model takes {want}")
+    return image
+
+
+def _check_resampled_size(volume: Volume, bundle: ModelBundle, source: Path | None) -> None:
+    """Refuse a volume whose in-plane resampling would need more memory than the largest image
+    the reader accepts: a damaged voxel size (1e6 mm) would otherwise ask for terabytes."""
+    x, y, z, channels = volume.image.shape
+    target = bundle.preprocessing.target_spacing
+    pixels = (x * volume.spacing[0] / target[0]) * (y * volume.spacing[1] / target[1])
+    values = pixels * z * max(channels, bundle.architecture.num_classes)
+    if values > MAX_VOXELS:
+        raise InputError(
+            source,
+            f"voxel size {volume.spacing[0]:.4g} x {volume.spacing[1]:.4g} mm resampled to "
+            f"{target[0]:.4g} x {target[1]:.4g} mm would need {values:.3g} values "
+            f"(more than {MAX_VOXELS:.3g}): is the voxel size in the header right?",
+        )
 
 
 class Segmenter:
@@ -99,9 +141,15 @@ class Segmenter:
     ) -> None:
         if not networks or len(networks) != len(bundles):
             raise ValueError("give one bundle per network, at least one")
+        if batch_size < 1:
+            raise InputError("batch_size", f"must be at least 1, got {batch_size}")
         first = bundles[0]
         for bundle in bundles[1:]:
-            if (bundle.class_names, bundle.label_values) != (first.class_names, first.label_values):
+            if (bundle.class_names, bundle.label_values, bundle.absent_classes) != (
+                first.class_names,
+                first.label_values,
+                first.absent_classes,
+            ):
                 raise InputError(
                     None, "the models of an ensemble must share their classes and label values"
                 )
@@ -160,46 +208,70 @@ class Segmenter:
         spacing: Sequence[float] | None = None,
         return_probabilities: bool = False,
     ) -> Prediction:
-        """Segment one volume given as (X, Y, Z) or (X, Y, Z, C) with its 4 x 4 affine.
+        """Segment one image given as (X, Y), (X, Y, Z) or (X, Y, Z, C) with its 4 x 4 affine.
 
-        ``spacing`` defaults to the column norms of the affine. The labels come back on the
-        input's grid, as the dataset's label values.
+        ``spacing`` (mm along X, Y, Z) defaults to the column norms of the affine. The labels
+        come back on the input's grid and in its shape (without C), as the dataset's label
+        values; the probabilities, on request, as (K, *that shape).
         """
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim == 3:
+        return self._predict(np.asarray(image), affine, spacing, return_probabilities, None)
+
+    def _predict(
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        spacing: Sequence[float] | None,
+        return_probabilities: bool,
+        source: Path | None,
+    ) -> Prediction:
+        shape = image.shape[:3]
+        if image.ndim == 2:
+            image = image[:, :, None, None]
+        elif image.ndim == 3:
             image = image[..., None]
-        if image.ndim != 4 or image.shape[-1] != self.bundle.architecture.in_channels:
-            raise InputError(
-                None,
-                f"expected (X, Y, Z) or (X, Y, Z, {self.bundle.architecture.in_channels}), "
-                f"got {image.shape}",
-            )
+        if image.ndim != 4:
+            problem = f"expected (X, Y), (X, Y, Z) or (X, Y, Z, C), got shape {image.shape}"
+            raise InputError(source, problem)
         affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise InputError(source, "the affine must be a finite 4 x 4 matrix")
         if spacing is None:
             spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise InputError(source, f"voxel spacing must be 3 positive values, got {spacing}")
         total = None
         for network, bundle in zip(self.networks, self.bundles, strict=True):
+            data = _model_input(image, bundle, source).astype(np.float32, copy=False)
             rule = bundle.preprocessing.orientation
-            oriented, oriented_affine, oriented_spacing = orient(image, affine, spacing, rule)
+            oriented, oriented_affine, oriented_spacing = orient(data, affine, spacing, rule)
             volume = Volume("input", oriented, None, oriented_spacing, oriented_affine, Path())
+            _check_resampled_size(volume, bundle, source)
             prepared, _, grid = preprocess_volume(volume, preprocess_params(bundle))
             probs = slice_probabilities(network, prepared, self.device, self.batch_size, self.tta)
             native = unorient(probabilities_to_native(probs, grid), affine, rule)
             total = native if total is None else total + native
         assert total is not None
-        total /= len(self.networks)
+        if len(self.networks) > 1:
+            total /= len(self.networks)
         values = np.asarray(self.bundle.label_values, dtype=label_dtype(self.bundle.label_values))
-        labels = values[total.argmax(-1)]
-        probabilities = np.moveaxis(total, -1, 0) if return_probabilities else None
+        labels = values[total.argmax(-1)].reshape(shape)
+        probabilities = None
+        if return_probabilities:
+            probabilities = np.moveaxis(total, -1, 0).reshape(total.shape[-1], *shape)
         return Prediction(labels, probabilities)
 
     def predict_scan(
         self, files: ScanFiles, return_probabilities: bool = False
     ) -> tuple[Scan, Prediction]:
         """Read and segment one case given by its files (see :mod:`contraseg.inference.io`)."""
-        pre = self.bundle.preprocessing
-        scan = read_scan(files, self.bundle.architecture.in_channels, pre.channel)
-        return scan, self.predict(scan.image, scan.affine, scan.spacing, return_probabilities)
+        scan = read_scan(files)
+        prediction = self._predict(
+            scan.image, scan.affine, scan.spacing, return_probabilities, scan.source
+        )
+        prediction.labels = prediction.labels.reshape(scan.shape)
+        if prediction.probabilities is not None:
+            prediction.probabilities = prediction.probabilities.reshape(-1, *scan.shape)
+        return scan, prediction
 
     def predict_file(
         self,
@@ -207,7 +279,8 @@ class Segmenter:
         out_path: str | Path,
         probabilities_path: str | Path | None = None,
     ) -> Path:
-        """Segment a NIfTI file (or the channel files of one case) into ``out_path``."""
+        """Segment a NIfTI file (or the channel files of one case) into ``out_path``, and its
+        probabilities into ``probabilities_path`` (``.npz``) when given."""
         paths = [in_path] if isinstance(in_path, str | Path) else list(in_path)
         files = ScanFiles(Path(out_path).name, tuple(Path(p) for p in paths))
         scan, prediction = self.predict_scan(files, probabilities_path is not None)
@@ -219,8 +292,8 @@ class Segmenter:
 
 
 def save_probabilities(path: Path, probabilities: np.ndarray, scan: Scan, seg: Segmenter) -> None:
-    """float16 class probabilities (K, X, Y, Z) with the grid and class names, as a ``.npz``
-    readable with ``np.load(path)`` (no pickle), as nnU-Net's ``--save_probabilities``."""
+    """float16 class probabilities (K, *the scan's shape) with the grid and class names, as a
+    ``.npz`` readable with ``np.load(path)`` (no pickle), as nnU-Net's ``--save_probabilities``."""
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(
             handle,

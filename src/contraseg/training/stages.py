@@ -337,15 +337,16 @@ class Finetuner(Trainer):
                 tuple(self.unet.widths), self.unet.in_channels, self.unet.num_classes
             ),
             class_names=tuple(prepared.class_names),
-            label_values=tuple(getattr(reader, "label_values", range(prepared.num_classes))),
+            label_values=tuple(reader.label_values),
             preprocessing=Preprocessing(
                 target_spacing=params.target_spacing,
                 size=params.size,
                 percentiles=params.percentiles,
                 n4=params.n4,
-                channel=getattr(reader, "channel", None),
-                orientation=getattr(reader, "orientation", "as_stored"),
+                channel=reader.channel,
+                orientation=reader.orientation,
             ),
+            absent_classes=reader.absent_classes,
             provenance=Provenance(
                 dataset=cfg.data.dataset,
                 labelled_set=self.labelled_set_name,

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from contraseg.config import DataConfig
+from contraseg.data.orientation import Orientation
+from contraseg.data.readers.base import AbsentClasses
 from contraseg.data.readers.nifti import check_finite, check_ndim, labels_to_int, load_nifti
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
@@ -65,6 +67,10 @@ class AcdcReader:
     default_spacing: tuple[float, float] = (1.36719, 1.36719)
     default_size: tuple[int, int] = (192, 192)
     in_channels = 1
+    channel = None
+    orientation: Orientation = "as_stored"
+    label_values: tuple[int, ...] = (0, 1, 2, 3)
+    absent_classes: AbsentClasses = "count_as_one"
 
     def __init__(self, config: DataConfig) -> None:
         frames = list(config.frames)

@@ -14,13 +14,20 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
+from contraseg.data.orientation import Orientation
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
 from contraseg.fileio import one_line
 
 log = logging.getLogger("contraseg.data")
+
+# Per-image Dice of a class absent from both prediction and reference: 1.0 ("count_as_one", the
+# medical datasets' rule, method_spec 6.3) or left out of the image's mean ("leave_out", as the
+# official Cityscapes evaluation ignores classes that appear in neither).
+AbsentClasses = Literal["count_as_one", "leave_out"]
+ABSENT_CLASSES: tuple[AbsentClasses, ...] = ("count_as_one", "leave_out")
 
 
 class Reader(Protocol):
@@ -28,7 +35,14 @@ class Reader(Protocol):
 
     ``list_cases`` walks ``root`` and fails with :class:`contraseg.errors.InputError` naming the
     first missing or unexpected file; ``load`` reads one case and validates it (3-D, finite,
-    image and label of one shape, label values within ``range(num_classes)`` after mapping).
+    image and label of one shape, label values within ``range(num_classes)`` after mapping). A
+    case listed without a label (``CaseFiles.label`` None) loads as an image alone.
+
+    The last four attributes are what a model bundle records so that prediction reads a new
+    scan as training read the dataset (docs/inference.md): which channel of a 4-D image is
+    kept, the voxel-order rule, the value each class index is written as in a label map (the
+    dataset's own values, so that predictions compare with its references), and how per-image
+    Dice treats a class absent from both prediction and reference (docs/metrics.md).
     """
 
     name: str
@@ -36,6 +50,10 @@ class Reader(Protocol):
     default_spacing: tuple[float, float]  # in-plane target spacing in mm
     default_size: tuple[int, int]  # in-plane crop/pad size in pixels
     in_channels: int
+    channel: int | None  # a 4-D image keeps this channel; None: its channels are the inputs
+    orientation: Orientation  # contraseg.data.orientation
+    label_values: tuple[int, ...]  # value of each class index in the dataset's label maps
+    absent_classes: AbsentClasses  # "count_as_one" (medical) or "leave_out" (Cityscapes)
 
     @property
     def num_classes(self) -> int: ...

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image
 
 from contraseg.config import DataConfig
-from contraseg.data.readers.base import quiet
+from contraseg.data.orientation import Orientation
+from contraseg.data.readers.base import AbsentClasses, quiet
 from contraseg.data.splits import LabelledSet, Split
 from contraseg.data.volume import CaseFiles, Volume
 from contraseg.errors import InputError
@@ -100,6 +101,10 @@ class CityscapesReader:
     default_spacing = (1.0, 1.0)
     default_size = (256, 512)
     in_channels = 3
+    channel = None
+    orientation: Orientation = "as_stored"
+    label_values = tuple(range(len(_GROUPS) + 1))  # class indices: the label ids are grouped
+    absent_classes: AbsentClasses = "leave_out"  # as the official evaluation
 
     def __init__(self, config: DataConfig) -> None:
         self.root = Path(config.root)
@@ -134,18 +139,22 @@ class CityscapesReader:
         return cases
 
     def load(self, case: CaseFiles) -> Volume:
-        assert case.label is not None  # every listed case is labelled
         image = _open(case.image)
         if image.mode != "RGB":
             raise InputError(case.image, f"expected an RGB image, got mode {image.mode}")
-        label = _open(case.label)
-        if len(label.getbands()) != 1:
-            raise InputError(case.label, f"expected one band of label ids, got mode {label.mode}")
-        if label.size != image.size:
-            raise InputError(
-                case.label, f"size {label.size} differs from {image.size} of {case.image}"
-            )
         size = _scaled_size(image)
+        classes = None
+        if case.label is not None:
+            label = _open(case.label)
+            if len(label.getbands()) != 1:
+                problem = f"expected one band of label ids, got mode {label.mode}"
+                raise InputError(case.label, problem)
+            if label.size != image.size:
+                raise InputError(
+                    case.label, f"size {label.size} differs from {image.size} of {case.image}"
+                )
+            ids = np.asarray(label.resize(size, Image.Resampling.NEAREST))
+            classes = map_label_ids(case.label, ids)[:, :, None]
         # area average in float, channel by channel (PIL's "F" mode), not rounded to uint8
         pixels = np.stack(
             [
@@ -154,11 +163,10 @@ class CityscapesReader:
             ],
             axis=-1,
         )
-        ids = np.asarray(label.resize(size, Image.Resampling.NEAREST))
         return Volume(
             case_id=case.case_id,
             image=pixels[:, :, None, :],
-            label=map_label_ids(case.label, ids)[:, :, None],
+            label=classes,
             spacing=(1.0, 1.0, 1.0),
             affine=np.eye(4),
             source=case.image,

@@ -25,9 +25,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from contraseg.config import DataConfig
+from contraseg.data.orientation import Orientation, to_canonical
+from contraseg.data.readers.base import AbsentClasses
 from contraseg.data.readers.nifti import check_finite, check_ndim, load_nifti
 from contraseg.data.readers.nnunet import check_same_grid
 from contraseg.data.volume import CaseFiles, Volume
@@ -53,19 +54,6 @@ def map_labels(path: Path, raw: np.ndarray) -> np.ndarray:
     return lookup[rounded]
 
 
-def to_canonical(
-    data: np.ndarray, affine: np.ndarray, spacing: tuple[float, ...]
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Permute/flip a 3-D array to RAS+ voxel order; return it, its affine and its spacing."""
-    ornt = io_orientation(affine)
-    out = apply_orientation(data, ornt)
-    new_affine = affine @ inv_ornt_aff(ornt, data.shape)
-    new_spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _flip) in enumerate(ornt):
-        new_spacing[int(target)] = float(spacing[axis])
-    return np.ascontiguousarray(out), new_affine, (new_spacing[0], new_spacing[1], new_spacing[2])
-
-
 class MmwhsReader:
     """Reads MM-WHS MR; paper settings 160 x 160 at 1.5 mm (method_spec 5)."""
 
@@ -74,6 +62,11 @@ class MmwhsReader:
     default_spacing = (1.5, 1.5)
     default_size = (160, 160)
     in_channels = 1
+    channel = None
+    orientation: Orientation = "closest_canonical"
+    # predictions are written with the raw values, so that they compare with the references
+    label_values = (0, *RAW_LABELS)
+    absent_classes: AbsentClasses = "count_as_one"
 
     def __init__(self, config: DataConfig) -> None:
         """Nothing in ``config`` changes how MM-WHS is read; the factory signature takes it."""
@@ -111,16 +104,17 @@ class MmwhsReader:
         return cases
 
     def load(self, case: CaseFiles) -> Volume:
-        assert case.label is not None  # every listed case is labelled
         image, affine, zooms = load_nifti(case.image)
         check_ndim(case.image, image)
         check_finite(case.image, image)
-        raw, label_affine, _ = load_nifti(case.label)
-        check_ndim(case.label, raw)
-        check_finite(case.label, raw)
-        check_same_grid(case.label, raw.shape, label_affine, image.shape, affine, case.image)
+        label = None
+        if case.label is not None:
+            raw, label_affine, _ = load_nifti(case.label)
+            check_ndim(case.label, raw)
+            check_finite(case.label, raw)
+            check_same_grid(case.label, raw.shape, label_affine, image.shape, affine, case.image)
+            label, _, _ = to_canonical(map_labels(case.label, raw), affine, zooms)
         image, new_affine, spacing = to_canonical(image, affine, zooms)
-        label, _, _ = to_canonical(map_labels(case.label, raw), affine, zooms)
         return Volume(
             case_id=case.case_id,
             image=image[..., None].astype(np.float32),

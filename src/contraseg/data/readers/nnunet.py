@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from contraseg.config import DataConfig
+from contraseg.data.orientation import Orientation
+from contraseg.data.readers.base import AbsentClasses
 from contraseg.data.readers.nifti import (
     check_finite,
     check_ndim,
@@ -128,6 +130,9 @@ class NnunetReader:
     """Reads an nnU-Net v2 raw dataset; metadata comes from its ``dataset.json``."""
 
     name = "nnunet"
+    channel = None  # every channel is an input
+    orientation: Orientation = "as_stored"
+    absent_classes: AbsentClasses = "count_as_one"
 
     def __init__(self, config: DataConfig) -> None:
         self.config = config
@@ -178,6 +183,11 @@ class NnunetReader:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """dataset.json's values in class order (consecutive 0..K-1, checked in ``_meta``)."""
+        return tuple(sorted(self._meta["labels"].values()))
 
     @property
     def in_channels(self) -> int:

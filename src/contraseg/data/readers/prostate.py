@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from contraseg.config import DataConfig
-from contraseg.data.readers.base import dataset_path
+from contraseg.data.orientation import Orientation
+from contraseg.data.readers.base import AbsentClasses, dataset_path
 from contraseg.data.readers.nifti import check_finite, check_ndim, load_nifti
 from contraseg.data.readers.nnunet import check_same_grid, declared_labels, read_json, strip_ending
 from contraseg.data.volume import CaseFiles, Volume
@@ -37,9 +38,12 @@ class ProstateReader:
     default_spacing = (0.625, 0.625)
     default_size = (192, 192)
     in_channels = 1
+    orientation: Orientation = "as_stored"
+    label_values = (0, 1, 2)
+    absent_classes: AbsentClasses = "count_as_one"
 
     def __init__(self, config: DataConfig) -> None:
-        self.channel = config.channel
+        self.channel: int | None = config.channel
 
     @property
     def num_classes(self) -> int:
@@ -101,15 +105,17 @@ class ProstateReader:
             raise InputError(case.image, f"channel {self.channel} chosen but the image is 3-D")
         check_ndim(case.image, data)
         check_finite(case.image, data)
-        assert case.label is not None  # every listed case is labelled
-        label, label_affine, _ = load_nifti(case.label)
-        check_ndim(case.label, label)
-        check_finite(case.label, label)
-        check_same_grid(case.label, label.shape, label_affine, data.shape, affine, case.image)
+        label = None
+        if case.label is not None:
+            raw, label_affine, _ = load_nifti(case.label)
+            check_ndim(case.label, raw)
+            check_finite(case.label, raw)
+            check_same_grid(case.label, raw.shape, label_affine, data.shape, affine, case.image)
+            label = declared_labels(case.label, raw, {v: int(k) for k, v in _LABELS.items()})
         return Volume(
             case_id=case.case_id,
             image=np.ascontiguousarray(data[..., None], dtype=np.float32),
-            label=declared_labels(case.label, label, {v: int(k) for k, v in _LABELS.items()}),
+            label=label,
             spacing=(zooms[0], zooms[1], zooms[2]),
             affine=affine,
             source=case.image,
