@@ -62,7 +62,12 @@ def test_version_1_reads_with_the_medical_dice_rule(tmp_path, ix):
 
 @pytest.mark.parametrize(
     ("version", "fragment"),
-    [(3, "newer contraseg"), ("2", "not supported"), (None, "not supported"), (True, "not")],
+    [
+        (FORMAT_VERSION + 1, "newer contraseg"),
+        ("2", "not supported"),
+        (None, "not supported"),
+        (True, "not"),
+    ],
 )
 def test_unsupported_format_version(tmp_path, ix, version, fragment):
     folder = ix.make_bundle(tmp_path / "m")

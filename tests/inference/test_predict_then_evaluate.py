@@ -23,14 +23,20 @@ from contraseg.inference import Segmenter, read_bundle
 from contraseg.training.stages import run_finetune
 
 
-@pytest.fixture(scope="module")
-def predicted(tmp_path_factory, tiny_config):
+@pytest.fixture(scope="module", params=["none", "otsu"])
+def predicted(request, tmp_path_factory, tiny_config):
     """A fine-tuned run, its test images predicted by the command line, and their references
-    named as ACDC names them (``{case}_gt.nii.gz``)."""
-    config = tiny_config(
-        FinetuneRun, "optim.iterations=40", "optim.batch_size=8", "finetune.val_every=20"
-    )
+    named as ACDC names them (``{case}_gt.nii.gz``); normalised over the whole volume, or
+    inside a foreground mask (which prediction must then apply too)."""
     work = tmp_path_factory.mktemp("predict")
+    config = tiny_config(
+        FinetuneRun,
+        "optim.iterations=40",
+        "optim.batch_size=8",
+        "finetune.val_every=20",
+        f"data.normalise_mask={request.param}",
+        f"data.cache={work / 'cache'}",  # the shared tiny cache keeps its own settings
+    )
     run_dir = run_finetune(config, work / "run")
     _, split = load_dataset(config.data)
     files = {c.case_id: c for c in get_reader(config.data).list_cases(config.data.root)}
@@ -51,6 +57,8 @@ def test_the_bundle_written_by_finetuning(predicted):
     assert bundle.label_values == reader.label_values == (0, 1, 2, 3)
     assert bundle.class_names == reader.class_names
     assert bundle.preprocessing.orientation == "as_stored"
+    assert bundle.preprocessing.normalise_mask == config.data.normalise_mask
+    assert len(bundle.preprocessing.foreground_fractions) == len(bundle.provenance.train_cases)
     assert bundle.preprocessing.size == (32, 32)
     assert bundle.absent_classes == "count_as_one"
     assert bundle.provenance.dataset == "phantom" and bundle.provenance.iterations == 40

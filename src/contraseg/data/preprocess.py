@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from scipy import ndimage
 
 from contraseg.config import DataConfig, validate
 from contraseg.data.readers.base import Reader
+from contraseg.data.readers.nifti import MAX_VOXELS
 from contraseg.data.volume import Volume
+from contraseg.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def n4_correct(image: np.ndarray, spacing: tuple[float, float, float]) -> np.nda
 
 
 NormaliseMask = Literal["none", "nonzero", "otsu"]
+NORMALISE_MASKS: tuple[NormaliseMask, ...] = get_args(NormaliseMask)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -256,10 +259,31 @@ def _place(
     ]
 
 
+def check_resampled_size(
+    volume: Volume, target_spacing: tuple[float, float], values_per_voxel: int
+) -> None:
+    """Refuse a volume whose in-plane resampling would need more memory than the largest image
+    a reader accepts (:data:`contraseg.data.readers.nifti.MAX_VOXELS`): a damaged voxel size
+    (1e6 mm) would otherwise ask for terabytes."""
+    x, y, z = volume.image.shape[:3]
+    pixels = (x * volume.spacing[0] / target_spacing[0]) * (
+        y * volume.spacing[1] / target_spacing[1]
+    )
+    values = pixels * z * values_per_voxel
+    if values > MAX_VOXELS:
+        raise InputError(
+            volume.source,
+            f"voxel size {volume.spacing[0]:.4g} x {volume.spacing[1]:.4g} mm resampled to "
+            f"{target_spacing[0]:.4g} x {target_spacing[1]:.4g} mm would need {values:.3g} "
+            f"values (more than {MAX_VOXELS:.3g}): is the voxel size in the header right?",
+        )
+
+
 def preprocess_volume(
     volume: Volume, params: PreprocessParams
 ) -> tuple[np.ndarray, np.ndarray | None, GridInfo]:
     """(image (Z, C, H, W) float32, label (Z, H, W) uint8 or None, grid) of one volume."""
+    check_resampled_size(volume, params.target_spacing, volume.image.shape[3])
     image = volume.image
     if params.n4:
         image = np.stack(

@@ -27,10 +27,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 
 from contraseg.data.readers.base import AbsentClasses
 
@@ -99,7 +99,7 @@ def hd95_per_class(
             with warnings.catch_warnings():
                 # MONAI 1.6 passes its own deprecated argument internally; nothing to act on.
                 warnings.filterwarnings("ignore", ".*`always_return_as_numpy`", FutureWarning)
-                distance = compute_hausdorff_distance(
+                distance = _hausdorff()(
                     torch.from_numpy(in_pred)[None, None],
                     torch.from_numpy(in_ref)[None, None],
                     include_background=True,  # the single channel is this foreground class
@@ -108,6 +108,14 @@ def hd95_per_class(
                 )
             out[label - 1] = float(distance)
     return out
+
+
+def _hausdorff() -> Any:
+    """MONAI's ``compute_hausdorff_distance``, imported on first use: importing MONAI takes
+    seconds, and every training command imports this module for validation."""
+    from monai.metrics import compute_hausdorff_distance
+
+    return compute_hausdorff_distance
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,15 @@ from safetensors.torch import load_file
 
 from contraseg import fileio
 from contraseg.data.orientation import ORIENTATIONS, Orientation
+from contraseg.data.preprocess import NORMALISE_MASKS, NormaliseMask
 from contraseg.data.readers.base import ABSENT_CLASSES, AbsentClasses
 from contraseg.errors import InputError
 from contraseg.fileio import one_line
 from contraseg.models.unet import DOWNSAMPLING, NUM_DECODER_BLOCKS, UNet
 
 FORMAT = "contraseg-model"
-FORMAT_VERSION = 2
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: absent_classes; 3: normalise_mask, foreground_fractions
+READS_VERSIONS = (1, 2, 3)
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 SLICE_AXIS = 2  # the only slice axis the preprocessing knows (docs/data.md)
@@ -82,6 +83,9 @@ class Preprocessing:
     channel: int | None  # a 4-D image keeps only this channel; None: all channels are inputs
     orientation: Orientation  # contraseg.data.orientation
     slice_axis: int = SLICE_AXIS  # slices are taken along this axis of the oriented volume
+    normalise_mask: NormaliseMask = "none"  # where the percentiles are taken (docs/data.md)
+    # foreground fraction of each training case: predict warns about scans far from them
+    foreground_fractions: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,16 +173,18 @@ class _Fields:
             raise self.error(key, f"must be a list of {count}integers in {low}..{high}")
         return tuple(values)
 
-    def numbers(self, key: str, length: int, low: float, high: float) -> tuple[float, ...]:
+    def numbers(self, key: str, length: int | None, low: float, high: float) -> tuple[float, ...]:
+        """A list of finite numbers in ``low..high``, of ``length`` entries (any if None)."""
         values = self.get(key)
         ok = (
             isinstance(values, list)
-            and len(values) == length
+            and (length is None or len(values) == length)
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
             and all(math.isfinite(v) and low <= v <= high for v in values)
         )
         if not ok:
-            raise self.error(key, f"must be a list of {length} finite numbers in {low:g}..{high:g}")
+            count = "" if length is None else f"{length} "
+            raise self.error(key, f"must be a list of {count}finite numbers in {low:g}..{high:g}")
         return tuple(float(v) for v in values)
 
     def number(self, key: str, low: float, high: float, optional: bool = False) -> float | None:
@@ -262,6 +268,10 @@ def _parse(obj: Any, path: Path) -> ModelBundle:
         channel=channel,
         orientation=pre.string("orientation", ORIENTATIONS),
         slice_axis=pre.integer("slice_axis", SLICE_AXIS, SLICE_AXIS),
+        normalise_mask=pre.string("normalise_mask", NORMALISE_MASKS) if version >= 3 else "none",
+        foreground_fractions=pre.numbers("foreground_fractions", None, 0.0, 1.0)
+        if version >= 3
+        else (),
     )
     prov = top.section("provenance")
     provenance = Provenance(

@@ -15,6 +15,7 @@ map class indices to the dataset's label values (docs/inference.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,21 @@ from torch import nn
 from contraseg import fileio
 from contraseg.data.cache import PreparedCase
 from contraseg.data.orientation import orient, unorient
-from contraseg.data.preprocess import PreprocessParams, preprocess_volume, probabilities_to_native
-from contraseg.data.readers.nifti import MAX_VOXELS
+from contraseg.data.preprocess import (
+    IntensityProfile,
+    PreprocessParams,
+    check_resampled_size,
+    preprocess_volume,
+    probabilities_to_native,
+    unusual_intensity,
+)
 from contraseg.data.volume import Volume
 from contraseg.errors import InputError
 from contraseg.inference.bundle import ModelBundle, load_bundle
 from contraseg.inference.device import resolve_device
 from contraseg.inference.io import Scan, ScanFiles, label_dtype, read_scan, write_label_map
+
+logger = logging.getLogger(__name__)
 
 # flips of the two in-plane axes of a (B, C, H, W) batch averaged by test-time augmentation
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
@@ -40,7 +49,18 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
 
 def preprocess_params(bundle: ModelBundle) -> PreprocessParams:
     pre = bundle.preprocessing
-    return PreprocessParams(pre.target_spacing, pre.size, pre.n4, pre.percentiles)
+    return PreprocessParams(
+        pre.target_spacing, pre.size, pre.n4, pre.percentiles, pre.normalise_mask
+    )
+
+
+def _warn_if_unusual(image: np.ndarray, bundle: ModelBundle, source: Path | None) -> None:
+    """One warning line when the scan's foreground fraction is far from the training cases'
+    (a skull-stripped model on an unstripped scan, say: docs/own-data.md)."""
+    references = [IntensityProfile(f) for f in bundle.preprocessing.foreground_fractions]
+    message = unusual_intensity(IntensityProfile.of(image), references)
+    if message:
+        logger.warning("%s: %s", source or "input", message)
 
 
 @torch.no_grad()
@@ -106,22 +126,6 @@ def _model_input(image: np.ndarray, bundle: ModelBundle, source: Path | None) ->
     if channels != want:
         raise InputError(source, f"has {channels} channel(s); the model takes {want}")
     return image
-
-
-def _check_resampled_size(volume: Volume, bundle: ModelBundle, source: Path | None) -> None:
-    """Refuse a volume whose in-plane resampling would need more memory than the largest image
-    the reader accepts: a damaged voxel size (1e6 mm) would otherwise ask for terabytes."""
-    x, y, z, channels = volume.image.shape
-    target = bundle.preprocessing.target_spacing
-    pixels = (x * volume.spacing[0] / target[0]) * (y * volume.spacing[1] / target[1])
-    values = pixels * z * max(channels, bundle.architecture.num_classes)
-    if values > MAX_VOXELS:
-        raise InputError(
-            source,
-            f"voxel size {volume.spacing[0]:.4g} x {volume.spacing[1]:.4g} mm resampled to "
-            f"{target[0]:.4g} x {target[1]:.4g} mm would need {values:.3g} values "
-            f"(more than {MAX_VOXELS:.3g}): is the voxel size in the header right?",
-        )
 
 
 class Segmenter:
@@ -242,10 +246,17 @@ class Segmenter:
         total = None
         for network, bundle in zip(self.networks, self.bundles, strict=True):
             data = _model_input(image, bundle, source).astype(np.float32, copy=False)
+            _warn_if_unusual(data, bundle, source)
             rule = bundle.preprocessing.orientation
             oriented, oriented_affine, oriented_spacing = orient(data, affine, spacing, rule)
-            volume = Volume("input", oriented, None, oriented_spacing, oriented_affine, Path())
-            _check_resampled_size(volume, bundle, source)
+            volume = Volume(
+                "input", oriented, None, oriented_spacing, oriented_affine, source or Path("input")
+            )
+            check_resampled_size(
+                volume,
+                bundle.preprocessing.target_spacing,
+                max(volume.image.shape[3], bundle.architecture.num_classes),
+            )
             prepared, _, grid = preprocess_volume(volume, preprocess_params(bundle))
             probs = slice_probabilities(network, prepared, self.device, self.batch_size, self.tta)
             native = unorient(probabilities_to_native(probs, grid), affine, rule)

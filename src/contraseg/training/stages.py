@@ -345,6 +345,10 @@ class Finetuner(Trainer):
                 n4=params.n4,
                 channel=reader.channel,
                 orientation=reader.orientation,
+                normalise_mask=params.normalise_mask,
+                foreground_fractions=tuple(
+                    prepared.intensity[case_id].foreground_fraction for case_id in self.train_ids
+                ),
             ),
             absent_classes=reader.absent_classes,
             provenance=Provenance(
