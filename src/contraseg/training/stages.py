@@ -68,11 +68,16 @@ class SliceSource(Protocol):
 
 
 def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
-    return UNet(
-        in_channels=config.in_channels or prepared.in_channels,
-        num_classes=config.num_classes or prepared.num_classes,
-        widths=tuple(config.widths),
-    )
+    """The UNet of ``config`` for ``prepared``; ``model.in_channels``/``num_classes`` may only
+    repeat what the dataset says (0 takes it from the dataset), since the labels, the classes of
+    the model bundle and the input channels all come from the dataset."""
+    for key, given, found in (
+        ("model.in_channels", config.in_channels, prepared.in_channels),
+        ("model.num_classes", config.num_classes, prepared.num_classes),
+    ):
+        if given and given != found:
+            raise InputError(key, f"is {given}, but the dataset has {found} (0 takes it from there)")
+    return UNet(prepared.in_channels, prepared.num_classes, tuple(config.widths))
 
 
 def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = False) -> list[str]:
@@ -297,7 +302,7 @@ class Finetuner(Trainer):
                     case.image_path, f"case {case.case_id} has no label: it cannot be fine-tuned on"
                 )
         self.train_ids = tuple(labelled.train)
-        self.num_classes = cfg.model.num_classes or prepared.num_classes
+        self.num_classes = prepared.num_classes
         self.sampler = self.train_sampler(train, split)
         self.unet = build_unet(cfg.model, prepared)
         self.transferred = self._initialise()
@@ -415,7 +420,7 @@ class Finetuner(Trainer):
 
     def write_products(self) -> None:
         """``model.json`` beside the weights: the run directory becomes a model bundle."""
-        validated = bool(self.val_cases)
+        validated = bool(self.val_cases) and self.best_dice >= 0
         provenance = dataclasses.replace(
             self.bundle.provenance,
             iterations=self.iteration,
