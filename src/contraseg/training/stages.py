@@ -76,7 +76,9 @@ def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
         ("model.num_classes", config.num_classes, prepared.num_classes),
     ):
         if given and given != found:
-            raise InputError(key, f"is {given}, but the dataset has {found} (0 takes it from there)")
+            raise InputError(
+                key, f"is {given}, but the dataset has {found} (0: take it from there)"
+            )
     return UNet(prepared.in_channels, prepared.num_classes, tuple(config.widths))
 
 
