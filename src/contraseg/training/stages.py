@@ -2,11 +2,12 @@
 
 1. :class:`GlobalPretrainer`: encoder ``e`` + ``g1`` with the global contrastive loss.
 2. :class:`LocalPretrainer`: decoder blocks ``d_l`` + ``g2`` with the local contrastive loss on
-   top of the stage-1 encoder, which is frozen *entirely*: its weights get no gradient and its
-   batch-norm layers stay in eval mode, so they normalise with the running statistics learnt in
-   stage 1 and those statistics are not updated. Stage 2 thus sees one fixed function ``e`` and
-   hands exactly the stage-1 encoder tensors on to stage 3. (The official code freezes the
-   weights but lets the encoder's batch norm use batch statistics.)
+   top of the stage-1 encoder, whose weights get no gradient. With ``loss.encoder_bn=frozen``
+   (the default) its batch-norm layers stay in eval mode, so they normalise with the running
+   statistics learnt in stage 1: stage 2 sees one fixed function ``e``. With ``batch`` they
+   normalise each batch with its own statistics, as the official code does, without using or
+   updating the running ones. Either way stage 3 receives exactly the stage-1 encoder tensors
+   (docs/training.md).
 3. :class:`Finetuner`: the whole UNet on 1, 2 or 8 labelled volumes, from random weights, from
    ``e`` or from ``e`` + ``d_l``, validated on the two validation volumes every
    ``finetune.val_every`` iterations; the best-validation weights are the stage's product.
@@ -37,7 +38,7 @@ from contraseg.config import (
     PretrainLocalRun,
     to_dict,
 )
-from contraseg.data.augment import finetune_augment, pretrain_view
+from contraseg.data.augment import finetune_augment, pretrain_view, transformed_view
 from contraseg.data.cache import PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.readers import get_reader
@@ -53,7 +54,15 @@ from contraseg.losses import (
     local_contrastive_loss,
     segmentation_loss,
 )
-from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_grid
+from contraseg.losses.local_contrastive import masked_local_chance_level
+from contraseg.models.heads import (
+    GlobalHead,
+    LocalEmbedder,
+    official_region_grid,
+    points_inside,
+    region_points,
+    view_points,
+)
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
 from contraseg.training.trainer import Trainer
@@ -177,8 +186,10 @@ class GlobalPretrainer(Trainer):
 
 
 class LocalPretrainer(Trainer):
-    """Stage 2. L^R: random slices; L^D: ``m`` volumes x ``S`` partitions. Two intensity-only
-    views each (no crop, so that region (u, v) of one view corresponds to (u, v) of the other).
+    """Stage 2. L^R: random slices; L^D: ``m`` volumes x ``S`` partitions. Two views each:
+    intensity-only (``loss.views=aligned``: region (u, v) of one view is (u, v) of the other),
+    or each with its own crop and flip, region u sampled where each view shows it and skipped
+    where it does not (``transformed``, docs/local-views.md).
     """
 
     stage = "pretrain-local"
@@ -194,15 +205,22 @@ class LocalPretrainer(Trainer):
         self.unet = build_unet(cfg.model, prepared)
         load_pretrained(self.unet, cfg.encoder, "encoder")
         self.unet.encoder.requires_grad_(False)
+        if loss_cfg.encoder_bn == "batch":
+            for module in self.unet.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # in train mode: batch statistics, running ones neither used nor updated
+                    module.track_running_stats = False
 
         blocks = loss_cfg.decoder_blocks
         height, width = volumes[0].shape[-2:]
         scale = 2 ** (5 - blocks)
+        self.fmap_size = (height // scale, width // scale)
         try:
-            grid = official_region_grid(height // scale, width // scale, loss_cfg.region_size)
+            grid = official_region_grid(*self.fmap_size, loss_cfg.region_size, loss_cfg.k1_regions)
         except ValueError as err:
             raise InputError(None, f"loss.decoder_blocks={blocks}: {err}") from None
         self.neg_index = grid.neg_index if loss_cfg.negatives == "official" else None
+        self.region_points = region_points(grid.corners, loss_cfg.region_size, self.fmap_size)
         self.embedder = LocalEmbedder(
             self.unet.decoder_channels(blocks),
             grid.corners,
@@ -214,29 +232,38 @@ class LocalPretrainer(Trainer):
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
 
-    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
-        self.unet.encoder.eval()  # frozen, batch norm included (see the module docstring)
+        if cfg.loss.encoder_bn == "frozen":
+            self.unet.encoder.eval()  # batch norm included (see the module docstring)
         batch = self.sampler.sample()
         images = batch.images.to(self.device, non_blocking=True)
-        views = torch.cat(
-            [
-                pretrain_view(images, cfg.augment, self.augment_generator, crop=False)
-                for _ in range(2)
-            ]
-        )
+        gen = self.augment_generator
+        points = None
+        if cfg.loss.views == "aligned":
+            views = torch.cat(
+                [pretrain_view(images, cfg.augment, gen, crop=False) for _ in range(2)]
+            )
+        else:
+            (view1, theta1), (view2, theta2) = (
+                transformed_view(images, cfg.augment, gen) for _ in range(2)
+            )
+            views = torch.cat([view1, view2])
+            points = view_points(self.region_points, torch.cat([theta1, theta2]))
         with torch.no_grad():
             bottleneck, skips = self.unet.encode(views)
         fmap = self.unet.decode(bottleneck, skips, blocks=cfg.loss.decoder_blocks)
-        regions = self.embedder(fmap)
+        regions = self.embedder(fmap, points)
         ids = _two_views(batch, views)
-        kwargs = {
-            "strategy": cfg.loss.strategy,
-            "neg_index": None if self.neg_index is None else self.neg_index.to(self.device),
-            "temperature": cfg.loss.temperature,
-        }
-        loss = local_contrastive_loss(regions, *ids, **kwargs)
-        return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+        neg_index = None if self.neg_index is None else self.neg_index.to(self.device)
+        kwargs = {"strategy": cfg.loss.strategy, "neg_index": neg_index}
+        valid = None if points is None else points_inside(points, self.fmap_size).to(self.device)
+        loss = local_contrastive_loss(
+            regions, *ids, temperature=cfg.loss.temperature, valid=valid, **kwargs
+        )
+        if valid is None:
+            return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+        return loss, {"chance": masked_local_chance_level(valid, *ids, **kwargs)}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         state = partial_state_dict(self.unet, True, self.config.loss.decoder_blocks)
