@@ -92,6 +92,25 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+# Rules of a (low, high) range of non-negative factors (no change: [1, 1]) and of a largest
+# hue shift in turns (half a turn reaches every hue), shared by the colour-jitter keys.
+_FACTORS: dict[str, Any] = {
+    "low": 0.0,
+    "high": 100.0,
+    "length": (2, 2),
+    "ordered": "non-decreasing",
+}
+_HUE: dict[str, Any] = {"low": 0.0, "high": 0.5}
+# Rules of a (low, high) range of crop sides as fractions of the image side.
+_FRACTIONS: dict[str, Any] = {
+    "low": 0.0,
+    "low_open": True,
+    "high": 1.0,
+    "length": (2, 2),
+    "ordered": "non-decreasing",
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections shared by several stages
 
@@ -227,16 +246,13 @@ class OptimConfig:
 
 @dataclass
 class PretrainAugmentConfig:
-    """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3)."""
+    """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3), and the
+    saturation/hue of the supplement's colour jitter for RGB images."""
 
     crop_fraction: list[float] = option(
         help="range of the crop's side as a fraction of the image side",
         factory=lambda: [0.5, 0.6],
-        low=0.0,
-        low_open=True,
-        high=1.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FRACTIONS,
     )
     brightness: float = option(
         0.3, help="brightness offsets drawn from U(-b, b)", low=0.0, high=100.0
@@ -258,6 +274,19 @@ class PretrainAugmentConfig:
         length=(2, 2),
         ordered="increasing",
     )
+    crop_shape: Literal["square", "aspect"] = option(
+        "square",
+        help="square: the crop is a square of the shorter side's fraction (official); aspect: "
+        "the same fraction of each side (non-square images, e.g. Cityscapes)",
+    )
+    saturation: list[float] = option(
+        help="range of the saturation factor (RGB images, supplement 4); [1, 1]: off",
+        factory=lambda: [1.0, 1.0],
+        **_FACTORS,
+    )
+    hue: float = option(
+        0.0, help="hue shifts drawn from U(-h, h) turns (RGB images, supplement 4); 0: off", **_HUE
+    )
 
 
 @dataclass
@@ -269,11 +298,7 @@ class LocalAugmentConfig(PretrainAugmentConfig):
         help="loss.views=transformed: range of each view's crop side as a fraction of each image "
         "side (aspect kept)",
         factory=lambda: [0.6, 1.0],
-        low=0.0,
-        low_open=True,
-        high=1.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FRACTIONS,
     )
     view_flip_prob: float = option(
         0.5,
@@ -317,11 +342,7 @@ class FinetuneAugmentConfig:
     crop_fraction: list[float] = option(
         help="geometry=crop: range of the crop's side as a fraction of each image side",
         factory=lambda: [0.5, 1.0],
-        low=0.0,
-        low_open=True,
-        high=1.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FRACTIONS,
     )
     brightness: float = option(
         0.0,
@@ -332,24 +353,15 @@ class FinetuneAugmentConfig:
     contrast: list[float] = option(
         help="colour jitter: range of the contrast factor about each channel's mean; [1, 1]: off",
         factory=lambda: [1.0, 1.0],
-        low=0.0,
-        high=100.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FACTORS,
     )
     saturation: list[float] = option(
         help="colour jitter: range of the saturation factor (RGB images); [1, 1]: off",
         factory=lambda: [1.0, 1.0],
-        low=0.0,
-        high=100.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FACTORS,
     )
     hue: float = option(
-        0.0,
-        help="colour jitter: hue shifts drawn from U(-h, h) turns (RGB images); 0: off",
-        low=0.0,
-        high=0.5,
+        0.0, help="colour jitter: hue shifts drawn from U(-h, h) turns (RGB images); 0: off", **_HUE
     )
 
 

@@ -375,3 +375,19 @@ def test_jitter_off_draws_nothing() -> None:
     sample_affine(4, (16, 16), FinetuneAugmentConfig(), reference)
     sample_elastic_field(4, (16, 16), FinetuneAugmentConfig(), reference)
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_pretrain_view_with_colour_jitter_and_aspect_crops() -> None:
+    """Cityscapes views: aspect-keeping crops, then the four jitter steps, then the clip."""
+    images = torch.rand(4, 3, 16, 32) * 1.2
+    config = PretrainAugmentConfig(crop_shape="aspect", saturation=[0.5, 1.5], hue=0.2)
+    view = pretrain_view(images, config, _gen(6))
+    generator = _gen(6)
+    cropped = warp(images, sample_resized_crop(4, [0.5, 0.6], 0.0, generator), padding="border")
+    jittered = colour_jitter(cropped, *sample_colour_jitter(4, config, generator))
+    torch.testing.assert_close(view, jittered.clamp(0.0, 1.5))
+    # brightness and contrast are drawn first either way: a grey image sees just those two
+    grey = images[:, :1]
+    plain = pretrain_view(grey, PretrainAugmentConfig(), _gen(6), crop=False)
+    coloured = dataclasses.replace(PretrainAugmentConfig(), saturation=[0.5, 1.5], hue=0.2)
+    torch.testing.assert_close(pretrain_view(grey, coloured, _gen(6), crop=False), plain)

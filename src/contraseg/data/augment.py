@@ -139,10 +139,12 @@ def jitter_enabled(config: FinetuneAugmentConfig) -> bool:
 
 
 def sample_colour_jitter(
-    batch: int, config: FinetuneAugmentConfig, generator: torch.Generator
+    batch: int,
+    config: FinetuneAugmentConfig | PretrainAugmentConfig,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image brightness offsets U(-b, b), contrast and saturation factors U(range) and hue
-    shifts U(-h, h) in turns, each (B,)."""
+    shifts U(-h, h) in turns, each (B,); the first two drawn as :func:`sample_intensity`."""
     brightness = _uniform(batch, -config.brightness, config.brightness, generator)
     contrast = _uniform(batch, *config.contrast, generator)
     saturation = _uniform(batch, *config.saturation, generator)
@@ -328,6 +330,18 @@ def colour_jitter(
     return adjust_hue(adjust_saturation(images, saturation), hue)
 
 
+def _view_intensity(
+    images: torch.Tensor, config: PretrainAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Brightness/contrast (and, when set, saturation/hue), then the clip, of a view."""
+    batch = images.shape[0]
+    if list(config.saturation) == [1.0, 1.0] and config.hue == 0:
+        brightness, contrast = sample_intensity(batch, config, generator)
+        return adjust_intensity(images, brightness, contrast, config.clip)
+    jittered = colour_jitter(images, *sample_colour_jitter(batch, config, generator))
+    return jittered.clamp(config.clip[0], config.clip[1])
+
+
 def pretrain_view(
     images: torch.Tensor,
     config: PretrainAugmentConfig,
@@ -336,16 +350,20 @@ def pretrain_view(
 ) -> torch.Tensor:
     """One augmented view (B, C, H, W) for contrastive pre-training (method_spec 3.3).
 
-    Random square crop resized back to (H, W) (bilinear), then per-image brightness/contrast and
-    clipping. ``crop=False`` applies the intensity part only, for the local loss, whose two views
-    must stay in pixel correspondence.
+    Random crop resized back to (H, W) (bilinear): a square of the shorter side (official) or,
+    with ``crop_shape: aspect``, the image's shape (:func:`sample_resized_crop`). Then per-image
+    brightness/contrast, saturation/hue if set (RGB, :func:`colour_jitter`), and clipping.
+    ``crop=False`` applies the intensity part only, for the local loss, whose two views must
+    stay in pixel correspondence.
     """
     batch, _, height, width = images.shape
     if crop:
-        theta = sample_crop(batch, (height, width), config, generator)
+        if config.crop_shape == "square":
+            theta = sample_crop(batch, (height, width), config, generator)
+        else:
+            theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
         images = warp(images, theta, padding="border")
-    brightness, contrast = sample_intensity(batch, config, generator)
-    return adjust_intensity(images, brightness, contrast, config.clip)
+    return _view_intensity(images, config, generator)
 
 
 def transformed_view(
@@ -354,15 +372,14 @@ def transformed_view(
     """A view for the local loss with ``loss.views=transformed`` and the transform that made it.
 
     Per image a crop of U(view_crop_fraction) x each side resized back to (H, W), mirrored with
-    probability view_flip_prob (:func:`sample_resized_crop`), then brightness/contrast and clip
-    as :func:`pretrain_view`. Returns the view (B, C, H, W) and ``theta`` (B, 2, 3), which says
+    probability view_flip_prob (:func:`sample_resized_crop`), then the intensity part of
+    :func:`pretrain_view`. Returns the view (B, C, H, W) and ``theta`` (B, 2, 3), which says
     where each view pixel lies in the original image (``models.heads.view_points``).
     """
     batch = images.shape[0]
     theta = sample_resized_crop(batch, config.view_crop_fraction, config.view_flip_prob, generator)
     view = warp(images, theta, padding="border")
-    brightness, contrast = sample_intensity(batch, config, generator)
-    return adjust_intensity(view, brightness, contrast, config.clip), theta
+    return _view_intensity(view, config, generator), theta
 
 
 def finetune_augment(
