@@ -37,6 +37,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneRun",
     "GlobalLossConfig",
+    "LocalAugmentConfig",
     "LocalLossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -89,6 +90,25 @@ def option(
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+# Rules of a (low, high) range of non-negative factors (no change: [1, 1]) and of a largest
+# hue shift in turns (half a turn reaches every hue), shared by the colour-jitter keys.
+_FACTORS: dict[str, Any] = {
+    "low": 0.0,
+    "high": 100.0,
+    "length": (2, 2),
+    "ordered": "non-decreasing",
+}
+_HUE: dict[str, Any] = {"low": 0.0, "high": 0.5}
+# Rules of a (low, high) range of crop sides as fractions of the image side.
+_FRACTIONS: dict[str, Any] = {
+    "low": 0.0,
+    "low_open": True,
+    "high": 1.0,
+    "length": (2, 2),
+    "ordered": "non-decreasing",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,16 +246,13 @@ class OptimConfig:
 
 @dataclass
 class PretrainAugmentConfig:
-    """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3)."""
+    """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3), and the
+    saturation/hue of the supplement's colour jitter for RGB images."""
 
     crop_fraction: list[float] = option(
         help="range of the crop's side as a fraction of the image side",
         factory=lambda: [0.5, 0.6],
-        low=0.0,
-        low_open=True,
-        high=1.0,
-        length=(2, 2),
-        ordered="non-decreasing",
+        **_FRACTIONS,
     )
     brightness: float = option(
         0.3, help="brightness offsets drawn from U(-b, b)", low=0.0, high=100.0
@@ -256,6 +273,38 @@ class PretrainAugmentConfig:
         high=1e6,
         length=(2, 2),
         ordered="increasing",
+    )
+    crop_shape: Literal["square", "aspect"] = option(
+        "square",
+        help="square: the crop is a square of the shorter side's fraction (official); aspect: "
+        "the same fraction of each side (non-square images, e.g. Cityscapes)",
+    )
+    saturation: list[float] = option(
+        help="range of the saturation factor (RGB images, supplement 4); [1, 1]: off",
+        factory=lambda: [1.0, 1.0],
+        **_FACTORS,
+    )
+    hue: float = option(
+        0.0, help="hue shifts drawn from U(-h, h) turns (RGB images, supplement 4); 0: off", **_HUE
+    )
+
+
+@dataclass
+class LocalAugmentConfig(PretrainAugmentConfig):
+    """Stage 2's views: intensity only, or with ``loss.views=transformed`` also their own crop
+    and flip each (docs/local-views.md)."""
+
+    view_crop_fraction: list[float] = option(
+        help="loss.views=transformed: range of each view's crop side as a fraction of each image "
+        "side (aspect kept)",
+        factory=lambda: [0.6, 1.0],
+        **_FRACTIONS,
+    )
+    view_flip_prob: float = option(
+        0.5,
+        help="loss.views=transformed: probability that a view is flipped left-right",
+        low=0.0,
+        high=1.0,
     )
 
 
@@ -284,6 +333,35 @@ class FinetuneAugmentConfig:
     elastic_grid: int = option(3, help="elastic control points per axis", low=2, high=64)
     elastic_prob: float = option(
         0.5, help="probability of an elastic deformation", low=0.0, high=1.0
+    )
+    geometry: Literal["affine", "crop"] = option(
+        "affine",
+        help="affine: one affine option + elastic deformation (medical); crop: a random crop "
+        "resized back to the image size (Cityscapes, supplement 4), the affine keys unused",
+    )
+    crop_fraction: list[float] = option(
+        help="geometry=crop: range of the crop's side as a fraction of each image side",
+        factory=lambda: [0.5, 1.0],
+        **_FRACTIONS,
+    )
+    brightness: float = option(
+        0.0,
+        help="colour jitter: brightness offsets drawn from U(-b, b); 0: off",
+        low=0.0,
+        high=100.0,
+    )
+    contrast: list[float] = option(
+        help="colour jitter: range of the contrast factor about each channel's mean; [1, 1]: off",
+        factory=lambda: [1.0, 1.0],
+        **_FACTORS,
+    )
+    saturation: list[float] = option(
+        help="colour jitter: range of the saturation factor (RGB images); [1, 1]: off",
+        factory=lambda: [1.0, 1.0],
+        **_FACTORS,
+    )
+    hue: float = option(
+        0.0, help="colour jitter: hue shifts drawn from U(-h, h) turns (RGB images); 0: off", **_HUE
     )
 
 
@@ -326,6 +404,21 @@ class LocalLossConfig:
     volumes_per_batch: int = option(3, help="volumes m per batch (LD)", low=1, high=1024)
     temperature: float = option(
         0.1, help="softmax temperature of the similarities", low=0.0, low_open=True, high=100.0
+    )
+    views: Literal["aligned", "transformed"] = option(
+        "aligned",
+        help="aligned: intensity-only views, region u at one place in both (the paper); "
+        "transformed: each view its own crop and flip, region u where each view shows it",
+    )
+    encoder_bn: Literal["frozen", "batch"] = option(
+        "frozen",
+        help="batch norm of the frozen encoder: frozen: stage 1's running statistics; batch: "
+        "each batch's statistics, as the official code (weights frozen either way)",
+    )
+    k1_regions: Literal["shared", "official"] = option(
+        "shared",
+        help="regions when region_size=1: shared: the 3x3 grid's 17 regions and negatives; "
+        "official: the official code's own 1x1 lists (13 regions)",
     )
 
 
@@ -431,8 +524,8 @@ class PretrainLocalRun:
     model: ModelConfig = option(help="network", factory=ModelConfig)
     loss: LocalLossConfig = option(help="local contrastive loss", factory=LocalLossConfig)
     optim: OptimConfig = option(help="optimiser and loop", factory=OptimConfig)
-    augment: PretrainAugmentConfig = option(
-        help="augmentation of the two views", factory=PretrainAugmentConfig
+    augment: LocalAugmentConfig = option(
+        help="augmentation of the two views", factory=LocalAugmentConfig
     )
     encoder: str = option(
         "", help="run directory of pretrain-global whose encoder is loaded and frozen", path=True
@@ -442,6 +535,11 @@ class PretrainLocalRun:
     def check(self) -> None:
         if not self.encoder:
             raise InputError("encoder", "required: the pretrain-global run directory to build on")
+        if self.loss.views == "aligned":
+            base = LocalAugmentConfig()
+            for key in ("view_crop_fraction", "view_flip_prob"):
+                if getattr(self.augment, key) != getattr(base, key):
+                    raise InputError(f"augment.{key}", "applies only to loss.views=transformed")
 
 
 @dataclass
@@ -823,6 +921,16 @@ class PretrainJointRun:
         help="augmentation of the two views", factory=PretrainAugmentConfig
     )
     seed: int = option(0, **_SEED)
+
+    def check(self) -> None:
+        defaults = LocalLossConfig()
+        for key in ("views", "encoder_bn"):
+            if getattr(self.local_loss, key) != getattr(defaults, key):
+                raise InputError(
+                    f"local_loss.{key}",
+                    "applies only to pretrain-local: joint training trains the encoder and "
+                    "uses aligned views",
+                )
 
 
 PretextTask = Literal["rotation", "inpainting", "context_restoration"]

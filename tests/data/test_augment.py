@@ -7,15 +7,21 @@ import dataclasses
 import pytest
 import torch
 
-from contraseg.config import FinetuneAugmentConfig, PretrainAugmentConfig
+from contraseg.config import FinetuneAugmentConfig, LocalAugmentConfig, PretrainAugmentConfig
 from contraseg.data.augment import (
+    adjust_hue,
     adjust_intensity,
+    adjust_saturation,
+    colour_jitter,
     finetune_augment,
     pretrain_view,
     sample_affine,
+    sample_colour_jitter,
     sample_crop,
     sample_elastic_field,
     sample_intensity,
+    sample_resized_crop,
+    transformed_view,
     warp,
     warp_labels,
 )
@@ -270,3 +276,118 @@ def test_cuda_generator_is_refused() -> None:
         pytest.skip("no CUDA device")
     with pytest.raises(ValueError, match="CPU generator"):
         sample_intensity(2, PretrainAugmentConfig(), torch.Generator(device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# views of the local loss with loss.views=transformed
+
+
+def test_resized_crop_keeps_the_aspect_inside_the_image_and_flips() -> None:
+    theta = sample_resized_crop(4000, [0.6, 0.9], 0.3, _gen(1))
+    side = theta[:, 1, 1]
+    assert ((side >= 0.6) & (side <= 0.9)).all()
+    assert torch.equal(theta[:, 0, 0].abs(), side)  # the same fraction of both sides
+    assert (theta[:, :, 2].abs() + side[:, None] <= 1 + 1e-12).all()  # fully inside
+    assert (theta[:, 0, 1] == 0).all() and (theta[:, 1, 0] == 0).all()
+    assert (theta[:, 0, 0] < 0).double().mean() == pytest.approx(0.3, abs=0.03)
+
+
+def test_transformed_view_returns_the_transform_it_applied() -> None:
+    images = torch.rand(5, 2, 24, 40)
+    config = LocalAugmentConfig()
+    view, theta = transformed_view(images, config, _gen(4))
+    generator = _gen(4)
+    assert torch.equal(theta, sample_resized_crop(5, [0.6, 1.0], 0.5, generator))
+    brightness, contrast = sample_intensity(5, config, generator)
+    want = adjust_intensity(warp(images, theta, padding="border"), brightness, contrast, [0, 1.5])
+    assert torch.equal(view, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# colour jitter (Cityscapes fine-tuning, supplement 4)
+
+
+def test_hue_third_turn_permutes_the_channels_and_a_full_turn_is_identity() -> None:
+    images = torch.rand(3, 3, 8, 10, dtype=torch.float64) * 1.4 - 0.2  # beyond [0, 1] too
+    third = adjust_hue(images, torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(third, images[:, [2, 0, 1]])
+    for turns in (0.0, 1.0, -1.0):
+        shifted = adjust_hue(images, torch.full((3,), turns, dtype=torch.float64))
+        torch.testing.assert_close(shifted, images)
+    small = adjust_hue(images, torch.tensor([0.1, -0.05, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(small.amax(1), images.amax(1))  # value and chroma are kept
+    torch.testing.assert_close(small.amin(1), images.amin(1))
+    assert not torch.allclose(small, images)
+
+
+def test_saturation_zero_is_the_grey_image_and_one_is_identity() -> None:
+    images = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    grey = adjust_saturation(images, torch.zeros(2, dtype=torch.float64))
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    for channel in range(3):
+        torch.testing.assert_close(grey[:, channel], luma)
+    torch.testing.assert_close(
+        adjust_saturation(images, torch.ones(2, dtype=torch.float64)), images
+    )
+
+
+def test_colour_jitter_on_grey_and_other_channel_counts() -> None:
+    params = [torch.tensor([0.1]), torch.tensor([1.2]), torch.tensor([0.5]), torch.tensor([0.2])]
+    grey = torch.rand(1, 1, 5, 5)
+    want = adjust_intensity(grey, params[0], params[1], (-1e9, 1e9))
+    torch.testing.assert_close(colour_jitter(grey, *params), want)  # no saturation or hue
+    with pytest.raises(ValueError, match="RGB"):
+        colour_jitter(torch.rand(1, 2, 5, 5), *params)
+
+
+JITTER = {"brightness": 0.2, "contrast": [0.6, 1.4], "saturation": [0.6, 1.4], "hue": 0.1}
+
+
+def test_finetune_crop_and_jitter_keep_labels_aligned_and_are_per_image() -> None:
+    labels = _disks(8, 32, 64)
+    one_hot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    config = FinetuneAugmentConfig(geometry="crop", crop_fraction=[0.5, 0.8])
+    warped, warped_labels = finetune_augment(one_hot, labels, config, _gen(2))
+    assert (warped.argmax(1) == warped_labels).float().mean() > 0.97
+    assert not torch.equal(warped_labels, labels)
+    generator = _gen(2)
+    theta = sample_resized_crop(8, [0.5, 0.8], 0.0, generator)
+    assert torch.equal(warped_labels, warp_labels(labels, theta))
+    images = torch.rand(1, 3, 32, 64).expand(8, 3, 32, 64)
+    jittered = dataclasses.replace(config, **JITTER)
+    out, out_labels = finetune_augment(images, labels, jittered, _gen(2))
+    assert torch.equal(out_labels, warped_labels)  # jitter draws after the crop, images only
+    generator = _gen(2)
+    theta = sample_resized_crop(8, [0.5, 0.8], 0.0, generator)
+    cropped = warp(images, theta, padding="border")
+    want = colour_jitter(cropped, *sample_colour_jitter(8, jittered, generator))
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(out, cropped)
+
+
+def test_jitter_off_draws_nothing() -> None:
+    """The default (medical) fine-tuning draws exactly what it drew before jitter existed."""
+    labels = _disks(4, 16, 16)
+    images = torch.rand(4, 3, 16, 16)
+    generator = _gen(5)
+    finetune_augment(images, labels, FinetuneAugmentConfig(), generator)
+    reference = _gen(5)
+    sample_affine(4, (16, 16), FinetuneAugmentConfig(), reference)
+    sample_elastic_field(4, (16, 16), FinetuneAugmentConfig(), reference)
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_pretrain_view_with_colour_jitter_and_aspect_crops() -> None:
+    """Cityscapes views: aspect-keeping crops, then the four jitter steps, then the clip."""
+    images = torch.rand(4, 3, 16, 32) * 1.2
+    config = PretrainAugmentConfig(crop_shape="aspect", saturation=[0.5, 1.5], hue=0.2)
+    view = pretrain_view(images, config, _gen(6))
+    generator = _gen(6)
+    cropped = warp(images, sample_resized_crop(4, [0.5, 0.6], 0.0, generator), padding="border")
+    jittered = colour_jitter(cropped, *sample_colour_jitter(4, config, generator))
+    torch.testing.assert_close(view, jittered.clamp(0.0, 1.5))
+    # brightness and contrast are drawn first either way: a grey image sees just those two
+    grey = images[:, :1]
+    plain = pretrain_view(grey, PretrainAugmentConfig(), _gen(6), crop=False)
+    coloured = dataclasses.replace(PretrainAugmentConfig(), saturation=[0.5, 1.5], hue=0.2)
+    torch.testing.assert_close(pretrain_view(grey, coloured, _gen(6), crop=False), plain)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contraseg.losses import local_chance_level, local_contrastive_loss
+from contraseg.losses.local_contrastive import masked_local_chance_level
 from contraseg.losses.reference import extract_regions_reference, local_contrastive_loss_reference
 from contraseg.models.heads import extract_regions, official_region_grid
 
@@ -170,3 +171,93 @@ def test_feature_map_smaller_than_region_grid():
     grid = official_region_grid(48, 48, 3)
     with pytest.raises(ValueError, match="smaller than the region grid"):
         extract_regions(torch.zeros(1, 2, 40, 40), grid.corners, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# valid: regions that fall outside a view (loss.views=transformed) are skipped
+
+
+def masked_reference(f, image, volume, partition, strategy, neg_index, temperature, valid):
+    """Loops over ordered pairs, anchors and negatives, skipping what ``valid`` excludes."""
+
+    def sim(x, y):
+        return torch.exp(torch.dot(x, y) / (x.norm() * y.norm()) / temperature)
+
+    n_regions = f.shape[1]
+    anchors = n_regions if neg_index is None else neg_index.shape[0]
+    terms = []
+    for a in range(len(image)):
+        for b in range(len(image)):
+            same_image = image[a] == image[b]
+            partner = partition[a] == partition[b] and volume[a] != volume[b]
+            if a == b or not (same_image or (strategy == "LD" and partner)):
+                continue
+            for u in range(anchors):
+                if not (valid[a, u] and valid[b, u]):
+                    continue
+                negs = (
+                    [n for n in range(n_regions) if n != u] if neg_index is None else neg_index[u]
+                )
+                den = [sim(f[a, u], f[a, n]) for n in negs if valid[a, n]]
+                den += [sim(f[a, u], f[b, n]) for n in negs if valid[b, n]]
+                if den:
+                    pos = sim(f[a, u], f[b, u])
+                    terms.append(-torch.log(pos / (pos + sum(den))))
+    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=f.dtype)
+
+
+@pytest.mark.parametrize("strategy", ["LR", "LD"])
+@pytest.mark.parametrize("official", [True, False])
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.7, 1.0])
+def test_masked_loss_matches_loop_reference(strategy: str, official: bool, keep: float):
+    image, volume, partition = layout(2, 2)
+    gen = torch.Generator().manual_seed(int(keep * 10) + official)
+    f = torch.randn(len(image), 17, 6, dtype=torch.float64, generator=gen)
+    valid = torch.rand(len(image), 17, generator=gen) < keep
+    neg_index = official_region_grid(24, 24).neg_index if official else None
+    args = (image, volume, partition, strategy, neg_index, 0.3)
+    got = local_contrastive_loss(f, *args, valid=valid)
+    torch.testing.assert_close(got, masked_reference(f, *args, valid), rtol=1e-9, atol=1e-12)
+    if keep == 1.0:  # nothing skipped: the loss of the unmasked form
+        torch.testing.assert_close(got, local_contrastive_loss(f, *args), rtol=1e-12, atol=0)
+
+
+def test_skipped_regions_do_not_reach_the_loss_or_its_gradient():
+    image = torch.arange(3).repeat(2)
+    gen = torch.Generator().manual_seed(5)
+    f = torch.randn(6, 17, 4, generator=gen, requires_grad=True)
+    valid = torch.rand(6, 17, generator=gen) < 0.6
+    neg_index = official_region_grid(24, 24).neg_index
+    loss = local_contrastive_loss(f, image, neg_index=neg_index, valid=valid)
+    loss.backward()
+    assert torch.isfinite(f.grad).all() and (f.grad[~valid] == 0).all()
+    changed = f.detach().clone()
+    changed[~valid] = torch.randn(int((~valid).sum()), 4, generator=gen)
+    again = local_contrastive_loss(changed, image, neg_index=neg_index, valid=valid)
+    torch.testing.assert_close(again, loss.detach())
+    # with nothing left the loss is 0 and its gradient 0, not NaN
+    empty = local_contrastive_loss(f, image, valid=torch.zeros(6, 17, dtype=torch.bool))
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_masked_chance_level_is_the_loss_of_equal_embeddings(official: bool):
+    image, volume, partition = layout(3, 2)
+    valid = torch.rand(len(image), 17, generator=torch.Generator().manual_seed(2)) < 0.5
+    neg_index = official_region_grid(24, 24).neg_index if official else None
+    args = (image, volume, partition, "LD", neg_index)
+    equal = local_contrastive_loss(torch.ones(len(image), 17, 3), *args, valid=valid)
+    chance = masked_local_chance_level(valid, *args)
+    torch.testing.assert_close(chance, equal)
+    full = masked_local_chance_level(torch.ones(len(image), 17, dtype=torch.bool), *args)
+    assert float(full) == pytest.approx(local_chance_level(17, neg_index))
+
+
+def test_valid_must_be_a_bool_mask_per_region():
+    image = torch.arange(2).repeat(2)
+    f = torch.randn(4, 17, 3)
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        local_contrastive_loss(f, image, valid=torch.ones(4, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        local_contrastive_loss(f, image, valid=torch.ones(4, 17))

@@ -13,6 +13,10 @@ from contraseg.models.heads import (
     RegionProjector,
     extract_regions,
     official_region_grid,
+    points_inside,
+    region_points,
+    sample_regions,
+    view_points,
 )
 
 # method_spec 4.1, anchor -> 5 negatives, in grid coordinates.
@@ -67,6 +71,68 @@ def test_official_grid_for_1x1_regions_and_rectangular_maps():
     assert rect.corners[:, 0].max() == 20 and rect.corners[:, 1].max() == 36
 
 
+def test_official_1x1_lists_as_the_official_code_computes_them():
+    """k1_lists="official" at 48: span 47; the negatives written as the official code's pixel
+    expressions (method_spec 4.1: int(im/4), int(im/2), int(3*im/4), im with im = W - 1)."""
+    im = 47
+    q, h, t = int(im / 4), int(im / 2), int(3 * im / 4)
+    anchors = [
+        (0, 0), (0, h), (0, im), (h, 0), (h, h), (h, im), (im, 0), (im, h), (im, im),
+        (q, q), (q, t), (t, q), (t, t),
+    ]  # fmt: skip
+    negatives = [
+        [(0, h), (h, 0), (h, h), (q, q), (q, t)],
+        [(0, 0), (0, im), (h, h), (q, q), (q, t)],
+        [(0, h), (h, h), (h, im), (t, q), (q, t)],
+        [(0, 0), (h, h), (im, 0), (q, q), (t, q)],
+        [(q, q), (q, t), (t, q), (t, t), (h, 0)],
+        [(0, im), (h, h), (im, im), (q, t), (t, t)],
+        [(h, 0), (h, h), (im, h), (t, q), (q, q)],
+        [(h, h), (im, 0), (im, im), (t, q), (t, t)],
+        [(h, h), (h, im), (im, h), (t, t), (t, q)],
+        [(0, 0), (0, h), (h, 0), (h, h), (q, t)],
+        [(0, h), (0, im), (h, h), (h, im), (t, t)],
+        [(h, 0), (h, h), (im, 0), (0, h), (q, q)],
+        [(h, h), (h, im), (im, h), (im, im), (q, t)],
+    ]
+    grid = official_region_grid(48, 48, 1, "official")
+    corners = [tuple(c) for c in grid.corners.tolist()]
+    assert corners == anchors  # 13 regions: every negative is an anchor
+    assert [[corners[n] for n in negs] for negs in grid.neg_index.tolist()] == negatives
+    # 3x3 regions are the official 3x3 grid whichever reading of K = 1 is asked for
+    three = official_region_grid(48, 48, 3, "official")
+    for got, want in zip(three, official_region_grid(48, 48), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="smaller than the region grid"):
+        official_region_grid(4, 48, 1, "official")
+    assert official_region_grid(5, 5, 1, "official").corners.max() == 4
+    with pytest.raises(ValueError, match="k1_lists"):
+        official_region_grid(48, 48, 1, "paper")
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_sampled_regions_at_the_grid_are_the_extracted_regions(size: int):
+    fmap = torch.randn(2, 5, 16, 20, dtype=torch.float64)
+    grid = official_region_grid(16, 20, size)
+    points = region_points(grid.corners, size, (16, 20))
+    identity = torch.eye(2, 3, dtype=torch.float64).expand(2, 2, 3)
+    mapped = view_points(points, identity)
+    torch.testing.assert_close(mapped, points.expand(2, -1, -1, -1))
+    sampled = sample_regions(fmap, mapped)
+    torch.testing.assert_close(sampled, extract_regions(fmap, grid.corners, size))
+    assert points_inside(mapped, (16, 20)).all()
+    # a left-right flip of the view moves region pixels to the mirrored columns, in order
+    flip = torch.tensor([[-1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64).expand(2, 2, 3)
+    mirrored = sample_regions(fmap.flip(-1), view_points(points, flip))
+    torch.testing.assert_close(mirrored, sampled)
+
+
+def test_points_inside_means_among_the_pixel_centres():
+    # a 4 x 8 map: centres at x = +-(1 - 1/8), y = +-(1 - 1/4) at the edges
+    points = torch.tensor([[[[0.875, 0.75]], [[0.876, 0.0]], [[0.0, -0.751]], [[-0.875, -0.75]]]])
+    assert points_inside(points.double(), (4, 8)).tolist() == [[True, False, False, True]]
+
+
 @pytest.mark.parametrize("size", [1, 3])
 def test_extract_regions_matches_loop_reference(size: int):
     fmap = torch.randn(3, 5, 12, 14)
@@ -95,6 +161,9 @@ def test_local_embedder(project: bool):
     out = embedder(torch.randn(2, 8, 48, 48))
     assert out.shape == (2, 17, 32 if project else 72)
     assert "corners" not in embedder.state_dict()
+    points = region_points(grid.corners, 3, (48, 48)).expand(2, -1, -1, -1)
+    fmap = torch.randn(2, 8, 48, 48)
+    torch.testing.assert_close(embedder(fmap, points), embedder(fmap), rtol=1e-4, atol=1e-5)
 
 
 def test_region_projector_is_shared_and_bias_free():

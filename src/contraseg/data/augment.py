@@ -12,28 +12,40 @@ pixel units and then normalised, so they stay rigid on non-square images. Pixels
 scaled in from outside the image are 0 (background for labels).
 
 Differences from the official code: brightness/contrast values are drawn per image, not one per
-batch (method_spec 9.3); fine-tuning has no intensity augmentation, as the official code in
-practice has none (method_spec 9.4); labels are warped with nearest-neighbour sampling, not as
-bilinearly warped one-hot maps; the affine and the elastic field are applied in one resampling.
+batch (method_spec 9.3); fine-tuning has no intensity augmentation by default, as the official
+code in practice has none (method_spec 9.4); labels are warped with nearest-neighbour sampling,
+not as bilinearly warped one-hot maps; the affine and the elastic field are applied in one
+resampling. Beyond the official code: views for the local loss that are cropped and flipped
+differently, with their transform returned (:func:`transformed_view`, docs/local-views.md),
+and the random crop and colour jitter of the supplement's Cityscapes experiment
+(``geometry: crop`` and the jitter options of :func:`finetune_augment`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from contraseg.config import FinetuneAugmentConfig, PretrainAugmentConfig
+from contraseg.config import FinetuneAugmentConfig, LocalAugmentConfig, PretrainAugmentConfig
 
 __all__ = [
+    "adjust_hue",
     "adjust_intensity",
+    "adjust_saturation",
+    "colour_jitter",
     "finetune_augment",
+    "jitter_enabled",
     "pretrain_view",
     "sample_affine",
+    "sample_colour_jitter",
     "sample_crop",
     "sample_elastic_field",
     "sample_intensity",
+    "sample_resized_crop",
+    "transformed_view",
     "warp",
     "warp_labels",
 ]
@@ -87,6 +99,26 @@ def sample_crop(
     return theta
 
 
+def sample_resized_crop(
+    batch: int, fraction: list[float], flip_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``theta`` (B, 2, 3) of a crop whose sides are U(fraction) x the image's sides (the aspect
+    ratio is kept), placed uniformly inside the image, mirrored left-right with probability
+    ``flip_prob``. Sampling the output grid through it resizes the crop to the full (H, W).
+    """
+    low, high = fraction
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"crop fraction must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    side = _uniform(batch, low, high, generator)
+    tx = _uniform(batch, -1.0, 1.0, generator) * (1.0 - side)
+    ty = _uniform(batch, -1.0, 1.0, generator) * (1.0 - side)
+    mirror = torch.where(_uniform(batch, 0.0, 1.0, generator) < flip_prob, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = side * mirror, tx
+    theta[:, 1, 1], theta[:, 1, 2] = side, ty
+    return theta
+
+
 def sample_intensity(
     batch: int, config: PretrainAugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +126,30 @@ def sample_intensity(
     brightness = _uniform(batch, -config.brightness, config.brightness, generator)
     contrast = _uniform(batch, *config.contrast, generator)
     return brightness, contrast
+
+
+def jitter_enabled(config: FinetuneAugmentConfig) -> bool:
+    """Whether any colour-jitter option of ``config`` is away from its no-op value."""
+    return bool(
+        config.brightness > 0
+        or list(config.contrast) != [1.0, 1.0]
+        or list(config.saturation) != [1.0, 1.0]
+        or config.hue > 0
+    )
+
+
+def sample_colour_jitter(
+    batch: int,
+    config: FinetuneAugmentConfig | PretrainAugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image brightness offsets U(-b, b), contrast and saturation factors U(range) and hue
+    shifts U(-h, h) in turns, each (B,); the first two drawn as :func:`sample_intensity`."""
+    brightness = _uniform(batch, -config.brightness, config.brightness, generator)
+    contrast = _uniform(batch, *config.contrast, generator)
+    saturation = _uniform(batch, *config.saturation, generator)
+    hue = _uniform(batch, -config.hue, config.hue, generator)
+    return brightness, contrast, saturation, hue
 
 
 def sample_affine(
@@ -206,12 +262,84 @@ def adjust_intensity(
     The order (brightness, contrast, clip) and the per-channel mean are those of
     ``tf.image.random_brightness``/``random_contrast`` used by the official code.
     """
-    shape = (-1, 1, 1, 1)
-    brightness = brightness.to(device=images.device, dtype=images.dtype).view(shape)
-    contrast = contrast.to(device=images.device, dtype=images.dtype).view(shape)
+    brightness, contrast = _per_image(brightness, images), _per_image(contrast, images)
     shifted = images + brightness
     mean = shifted.mean(dim=(2, 3), keepdim=True)
     return ((shifted - mean) * contrast + mean).clamp(clip[0], clip[1])
+
+
+# ITU-R BT.601 luma weights, the grey image of saturation adjustments (as torchvision)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return values.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend RGB images (B, 3, H, W) with their grey image: ``grey + factor * (x - grey)``.
+
+    Linear, so it is defined for intensities outside [0, 1] (normalised images have them).
+    """
+    luma = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    grey = (images * luma).sum(dim=1, keepdim=True)
+    return grey + _per_image(factor, images) * (images - grey)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images (B, 3, H, W) by ``shift`` turns on the HSV hexcone.
+
+    Each pixel keeps its largest and smallest channel (HSV value and chroma); only the hue
+    moves, as ``tf.image.adjust_hue``. Written without HSV's division by the value so that it
+    holds for any intensities; a third of a turn maps (R, G, B) to (B, R, G) exactly.
+    """
+    red, green, blue = images.unbind(dim=1)
+    high, which = images.max(dim=1)
+    chroma = high - images.min(dim=1).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sextant = torch.where(
+        which == 0,
+        torch.remainder((green - blue) / safe, 6.0),
+        torch.where(which == 1, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
+    )
+    sextant = torch.remainder(sextant + 6.0 * _per_image(shift, images)[:, 0], 6.0)
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)
+    k = torch.remainder(offsets.view(1, 3, 1, 1) + sextant[:, None], 6.0)
+    return high[:, None] - chroma[:, None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def colour_jitter(
+    images: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, in the supplement's order, per image; no clip.
+
+    Brightness and contrast as :func:`adjust_intensity` (offset, then a factor about each
+    channel's mean, as ``tf.image``); saturation and hue need RGB: a grey image (one channel)
+    has neither and is returned after the first two, any other channel count is a ValueError.
+    """
+    images = adjust_intensity(images, brightness, contrast, (-math.inf, math.inf))
+    channels = images.shape[1]
+    if channels == 1:
+        return images
+    if channels != 3:
+        raise ValueError(f"saturation and hue need RGB images (3 channels), got {channels}")
+    return adjust_hue(adjust_saturation(images, saturation), hue)
+
+
+def _view_intensity(
+    images: torch.Tensor, config: PretrainAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Brightness/contrast (and, when set, saturation/hue), then the clip, of a view."""
+    batch = images.shape[0]
+    if list(config.saturation) == [1.0, 1.0] and config.hue == 0:
+        brightness, contrast = sample_intensity(batch, config, generator)
+        return adjust_intensity(images, brightness, contrast, config.clip)
+    jittered = colour_jitter(images, *sample_colour_jitter(batch, config, generator))
+    return jittered.clamp(config.clip[0], config.clip[1])
 
 
 def pretrain_view(
@@ -222,16 +350,36 @@ def pretrain_view(
 ) -> torch.Tensor:
     """One augmented view (B, C, H, W) for contrastive pre-training (method_spec 3.3).
 
-    Random square crop resized back to (H, W) (bilinear), then per-image brightness/contrast and
-    clipping. ``crop=False`` applies the intensity part only, for the local loss, whose two views
-    must stay in pixel correspondence.
+    Random crop resized back to (H, W) (bilinear): a square of the shorter side (official) or,
+    with ``crop_shape: aspect``, the image's shape (:func:`sample_resized_crop`). Then per-image
+    brightness/contrast, saturation/hue if set (RGB, :func:`colour_jitter`), and clipping.
+    ``crop=False`` applies the intensity part only, for the local loss, whose two views must
+    stay in pixel correspondence.
     """
     batch, _, height, width = images.shape
     if crop:
-        theta = sample_crop(batch, (height, width), config, generator)
+        if config.crop_shape == "square":
+            theta = sample_crop(batch, (height, width), config, generator)
+        else:
+            theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
         images = warp(images, theta, padding="border")
-    brightness, contrast = sample_intensity(batch, config, generator)
-    return adjust_intensity(images, brightness, contrast, config.clip)
+    return _view_intensity(images, config, generator)
+
+
+def transformed_view(
+    images: torch.Tensor, config: LocalAugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view for the local loss with ``loss.views=transformed`` and the transform that made it.
+
+    Per image a crop of U(view_crop_fraction) x each side resized back to (H, W), mirrored with
+    probability view_flip_prob (:func:`sample_resized_crop`), then the intensity part of
+    :func:`pretrain_view`. Returns the view (B, C, H, W) and ``theta`` (B, 2, 3), which says
+    where each view pixel lies in the original image (``models.heads.view_points``).
+    """
+    batch = images.shape[0]
+    theta = sample_resized_crop(batch, config.view_crop_fraction, config.view_flip_prob, generator)
+    view = warp(images, theta, padding="border")
+    return _view_intensity(view, config, generator), theta
 
 
 def finetune_augment(
@@ -240,17 +388,27 @@ def finetune_augment(
     config: FinetuneAugmentConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Geometric augmentation of (B, C, H, W) images and (B, H, W) labels (method_spec 6.2).
+    """Augmentation of (B, C, H, W) images and (B, H, W) labels (method_spec 6.2, supplement 4).
 
-    One affine option per image (:func:`sample_affine`) and an elastic field
-    (:func:`sample_elastic_field`), applied together in one resampling: bilinear for images,
-    nearest for labels, so the two stay aligned. ``config.enabled`` False returns the inputs.
+    ``geometry: affine`` (medical, the default): one affine option per image
+    (:func:`sample_affine`) and an elastic field (:func:`sample_elastic_field`), applied together
+    in one resampling. ``geometry: crop`` (Cityscapes): a crop of U(crop_fraction) x each side
+    resized back (:func:`sample_resized_crop`). Bilinear for images, nearest for labels, so the
+    two stay aligned. Then, if any jitter option is set, :func:`colour_jitter` on the images;
+    with none set no random number is drawn for it. ``config.enabled`` False returns the inputs.
     """
     if not config.enabled:
         return images, labels
     batch, _, height, width = images.shape
     if labels.shape != (batch, height, width):
         raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
-    theta = sample_affine(batch, (height, width), config, generator)
-    field = sample_elastic_field(batch, (height, width), config, generator, images.device)
-    return warp(images, theta, field), warp_labels(labels, theta, field)
+    if config.geometry == "crop":
+        theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
+        images, labels = warp(images, theta, padding="border"), warp_labels(labels, theta)
+    else:
+        theta = sample_affine(batch, (height, width), config, generator)
+        field = sample_elastic_field(batch, (height, width), config, generator, images.device)
+        images, labels = warp(images, theta, field), warp_labels(labels, theta, field)
+    if jitter_enabled(config):
+        images = colour_jitter(images, *sample_colour_jitter(batch, config, generator))
+    return images, labels

@@ -25,6 +25,13 @@ of l over all ordered pairs and all anchors, so each pair is used in both direct
   paper contrasts regions within the feature maps of the pair, and with L^D other images of
   the batch may be positives of the anchor.
 
+Views that were cropped, scaled or flipped differently (``loss.views=transformed``,
+docs/local-views.md) see region u at different places; the caller samples region u of each
+view where that view shows it and passes ``valid`` (B, R), False for a region that falls
+outside its view. Such a region is skipped: no term has it as anchor or positive, and it is
+no negative. A term whose negatives are all skipped is skipped too (it would be 0 for free).
+The loss is then the mean over the remaining terms, 0 if there are none.
+
 Departures from the official code (method_spec 4.3, 9.9): L^D uses the symmetric form, all 5
 negatives, and a true mean, instead of one direction, 4 negatives and a 1.5x scale.
 
@@ -35,6 +42,7 @@ Shapes:
     embeddings: (B, R, D), any float dtype; normalised inside; fp32 log-sum-exp under autocast.
     image_ids, volume_ids, partition_ids: (B,) integers.
     neg_index: (A, n_neg) integer indices into the R regions, or None.
+    valid: (B, R) bool, or None (every region of every map is valid).
 
 Example:
     >>> grid = official_region_grid(48, 48, 3)
@@ -111,6 +119,35 @@ def _check_neg_index(neg_index: Tensor, n_regions: int) -> Tensor:
     return neg_index.long()
 
 
+def _check_valid(valid: Tensor, batch: int, n_regions: int, device: torch.device) -> Tensor:
+    if valid.dtype != torch.bool or valid.shape != (batch, n_regions):
+        raise ValueError(
+            f"valid must be a bool ({batch}, {n_regions}) tensor, got {valid.dtype} "
+            f"{tuple(valid.shape)}"
+        )
+    return valid.to(device)
+
+
+def _valid_negatives(
+    valid: Tensor, first: Tensor, second: Tensor, neg_index: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Which negatives of each term exist, from map a and from map b, and which terms count.
+
+    Shapes: (P, A, n) for a ``neg_index`` table, (P, R, R) with a False diagonal for None;
+    the terms (P, A): anchor and positive valid and at least one negative left.
+    """
+    valid_a, valid_b = valid.index_select(0, first), valid.index_select(0, second)
+    if neg_index is None:
+        n_regions = valid.shape[1]
+        others = ~torch.eye(n_regions, dtype=torch.bool, device=valid.device)
+        own_ok, cross_ok = valid_a[:, None, :] & others, valid_b[:, None, :] & others
+    else:
+        own_ok, cross_ok = valid_a[:, neg_index], valid_b[:, neg_index]
+    anchors = own_ok.shape[1]
+    counted = valid_a[:, :anchors] & valid_b[:, :anchors] & (own_ok | cross_ok).any(dim=2)
+    return own_ok, cross_ok, counted
+
+
 def local_contrastive_loss(
     embeddings: Tensor,
     image_ids: IdLike,
@@ -119,8 +156,10 @@ def local_contrastive_loss(
     strategy: str = "LR",
     neg_index: Tensor | None = None,
     temperature: float = 0.1,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """Mean over ordered image pairs and anchor regions of l(a, b, u) (module docstring).
+    """Mean over ordered image pairs and anchor regions of l(a, b, u) (module docstring),
+    over the terms ``valid`` leaves when it is given.
 
     Returns a scalar in fp32 (fp64 if ``embeddings`` is fp64).
     """
@@ -134,6 +173,11 @@ def local_contrastive_loss(
     if neg_index is None and n_regions < 2:
         raise ValueError(f"negatives='all' needs at least 2 regions per map, got {n_regions}")
     first, second = local_pairs(image_ids, volume_ids, partition_ids, strategy, embeddings.device)
+    if neg_index is not None:
+        neg_index = _check_neg_index(neg_index.to(embeddings.device), n_regions)
+    if valid is not None:
+        valid = _check_valid(valid, batch, n_regions, embeddings.device)
+        own_ok, cross_ok, counted = _valid_negatives(valid, first, second, neg_index)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         unit = F.normalize(embeddings.to(dtype), dim=2)
@@ -149,16 +193,27 @@ def local_contrastive_loss(
             # row u of ``own`` the negatives of map a once the anchor itself is masked out.
             eye = torch.eye(n_regions, dtype=torch.bool, device=unit.device)
             positive = cross.diagonal(dim1=1, dim2=2)
-            logits = torch.cat([own.masked_fill(eye, -math.inf), cross], dim=2)
+            own = own.masked_fill(eye, -math.inf)
+            if valid is not None:
+                own = own.masked_fill(~own_ok, -math.inf)
+                cross = cross.masked_fill(~(cross_ok | eye), -math.inf)
+            logits = torch.cat([own, cross], dim=2)
         else:
-            neg = _check_neg_index(neg_index.to(unit.device), n_regions)
-            rows = torch.arange(neg.shape[0], device=unit.device)
+            rows = torch.arange(neg_index.shape[0], device=unit.device)
             positive = cross[:, rows, rows]  # (P, A)
-            logits = torch.cat(
-                [positive[..., None], own[:, rows[:, None], neg], cross[:, rows[:, None], neg]],
-                dim=2,
+            own_neg, cross_neg = (
+                own[:, rows[:, None], neg_index],
+                cross[:, rows[:, None], neg_index],
             )
-        return (torch.logsumexp(logits, dim=2) - positive).mean()
+            if valid is not None:
+                own_neg = own_neg.masked_fill(~own_ok, -math.inf)
+                cross_neg = cross_neg.masked_fill(~cross_ok, -math.inf)
+            logits = torch.cat([positive[..., None], own_neg, cross_neg], dim=2)
+        # every row keeps its positive, so the log-sum-exp (and its gradient) stays finite
+        terms = torch.logsumexp(logits, dim=2) - positive
+        if valid is None:
+            return terms.mean()
+        return torch.where(counted, terms, 0.0).sum() / counted.sum().clamp(min=1)
 
 
 def local_chance_level(n_regions: int, neg_index: Tensor | None = None) -> float:
@@ -169,3 +224,25 @@ def local_chance_level(n_regions: int, neg_index: Tensor | None = None) -> float
     """
     n_neg = n_regions - 1 if neg_index is None else neg_index.shape[1]
     return math.log1p(2 * n_neg)
+
+
+def masked_local_chance_level(
+    valid: Tensor,
+    image_ids: IdLike,
+    volume_ids: IdLike | None = None,
+    partition_ids: IdLike | None = None,
+    strategy: str = "LR",
+    neg_index: Tensor | None = None,
+) -> Tensor:
+    """:func:`local_chance_level` when ``valid`` (B, R) skips regions: the mean over the terms
+    the loss counts of ``log(1 + negatives left)``; 0 when none counts. A 0-dim fp32 tensor on
+    ``valid``'s device, so that logging it does not wait for the device.
+    """
+    batch, n_regions = valid.shape
+    first, second = local_pairs(image_ids, volume_ids, partition_ids, strategy, valid.device)
+    if neg_index is not None:
+        neg_index = _check_neg_index(neg_index.to(valid.device), n_regions)
+    valid = _check_valid(valid, batch, n_regions, valid.device)
+    own_ok, cross_ok, counted = _valid_negatives(valid, first, second, neg_index)
+    levels = torch.log1p((own_ok.sum(dim=2) + cross_ok.sum(dim=2)).float())
+    return torch.where(counted, levels, 0.0).sum() / counted.sum().clamp(min=1)

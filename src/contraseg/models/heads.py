@@ -5,8 +5,12 @@
 - :class:`LocalHead` (g2, method_spec 2.5): 1x1 conv (no bias) + BN + ReLU, then a 1x1 conv
   (no bias, no BN, no activation), channels unchanged.
 - :func:`official_region_grid` (method_spec 4.1): the fixed 5x5 grid of region corners, the 13
-  anchors and each anchor's 5 neighbouring negatives.
+  anchors and each anchor's 5 neighbouring negatives (optionally the official code's own lists
+  for 1x1 regions).
 - :func:`extract_regions`: KxK regions at given corners, flattened (not pooled), vectorised.
+- :func:`region_points`, :func:`view_points`, :func:`sample_regions`, :func:`points_inside`:
+  the same regions located in views that were cropped, scaled or flipped differently
+  (``loss.views=transformed``, docs/local-views.md).
 - :class:`RegionProjector`: the shared dense layer applied to every flattened region (the
   official ``wgt_en=1``, layer ``seg_pred``).
 - :class:`LocalEmbedder`: g2 + region extraction + optional projector, d_l map -> (B, R, D).
@@ -17,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Grid coordinates (row, col) on the 5x5 grid g in {0..4}^2 (method_spec 4.1). The anchors are
@@ -42,7 +47,25 @@ _NEGATIVES: tuple[tuple[tuple[int, int], ...], ...] = (
     ((2, 0), (2, 2), (4, 0), (4, 2), (3, 3)),
     ((2, 2), (2, 4), (4, 2), (4, 4), (3, 1)),
 )
+# The official code's separate table for 1x1 regions (method_spec 4.1, "different lists"): the
+# same 13 anchors, other negatives, all of them anchors themselves (so 13 regions, not 17).
+_NEGATIVES_1X1: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((0, 2), (2, 0), (2, 2), (1, 1), (1, 3)),
+    ((0, 0), (0, 4), (2, 2), (1, 1), (1, 3)),
+    ((0, 2), (2, 2), (2, 4), (3, 1), (1, 3)),
+    ((0, 0), (2, 2), (4, 0), (1, 1), (3, 1)),
+    ((1, 1), (1, 3), (3, 1), (3, 3), (2, 0)),
+    ((0, 4), (2, 2), (4, 4), (1, 3), (3, 3)),
+    ((2, 0), (2, 2), (4, 2), (3, 1), (1, 1)),
+    ((2, 2), (4, 0), (4, 4), (3, 1), (3, 3)),
+    ((2, 2), (2, 4), (4, 2), (3, 3), (3, 1)),
+    ((0, 0), (0, 2), (2, 0), (2, 2), (1, 3)),
+    ((0, 2), (0, 4), (2, 2), (2, 4), (3, 3)),
+    ((2, 0), (2, 2), (4, 0), (0, 2), (1, 1)),
+    ((2, 2), (2, 4), (4, 2), (4, 4), (1, 3)),
+)
 _GRID_STEPS = 4  # grid coordinates 0..4
+K1_LISTS = ("shared", "official")
 
 
 class RegionGrid(NamedTuple):
@@ -56,33 +79,44 @@ class RegionGrid(NamedTuple):
     neg_index: Tensor
 
 
-def official_region_grid(height: int, width: int, size: int = 3) -> RegionGrid:
+def official_region_grid(
+    height: int, width: int, size: int = 3, k1_lists: str = "shared"
+) -> RegionGrid:
     """The official fixed region grid for a ``height`` x ``width`` feature map (method_spec 4.1).
 
-    Grid coordinate g maps to pixel ``int(g * (W - K - 1) / 4)``. For K = 3 that is the official
-    ``int(g * (W - 4) / 4)`` ({0, 11, 22, 33, 44} at 48); for K = 1 we keep the same rule, i.e.
-    the same one-pixel margin at the far edge ({0, 11, 23, 34, 46} at 48), rather than the
-    official code's separate 1x1 lists. The same 13 anchors and 5-neighbour table are used for
-    both K. Returns 17 regions (13 anchors, then 4 negative-only regions) and a (13, 5) table.
+    Grid coordinate g maps to pixel ``int(g * span / 4)`` with ``span = W - K - 1``: the official
+    ``int(g * (W - 4) / 4)`` for K = 3 ({0, 11, 22, 33, 44} at 48). Returns 17 regions (13
+    anchors, then 4 negative-only regions) and a (13, 5) table.
+
+    For K = 1, ``k1_lists`` chooses between two readings. ``"shared"`` keeps the 3x3 rule and
+    table (the same one-pixel margin at the far edge: {0, 11, 23, 34, 46} at 48). ``"official"``
+    is what the official code runs for 1x1 regions: ``span = W - 1`` ({0, 11, 23, 35, 47} at
+    48), the same 13 anchors with their own 5 negatives each, all of them anchors, so 13
+    regions. For K = 3 both are the official 3x3 grid.
 
     Raises ValueError if the map is too small for 5 distinct grid positions per axis.
     """
     if size < 1:
         raise ValueError(f"region size must be positive, got {size}")
-    span_h, span_w = height - size - 1, width - size - 1
+    if k1_lists not in K1_LISTS:
+        raise ValueError(f"k1_lists must be one of {K1_LISTS}, got {k1_lists!r}")
+    official_1x1 = size == 1 and k1_lists == "official"
+    margin = 0 if official_1x1 else 1
+    span_h, span_w = height - size - margin, width - size - margin
     if min(span_h, span_w) < _GRID_STEPS:
         raise ValueError(
             f"feature map {height}x{width} is smaller than the region grid: {size}x{size} regions "
-            f"on a 5x5 grid need at least {size + 1 + _GRID_STEPS} pixels per side"
+            f"on a 5x5 grid need at least {size + margin + _GRID_STEPS} pixels per side"
         )
-    extras = sorted({n for negs in _NEGATIVES for n in negs} - set(_ANCHORS))
+    negatives = _NEGATIVES_1X1 if official_1x1 else _NEGATIVES
+    extras = sorted({n for negs in negatives for n in negs} - set(_ANCHORS))
     points = list(_ANCHORS) + extras
     index = {p: i for i, p in enumerate(points)}
     corners = torch.tensor(
         [[int(r * span_h / _GRID_STEPS), int(c * span_w / _GRID_STEPS)] for r, c in points],
         dtype=torch.long,
     )
-    neg_index = torch.tensor([[index[n] for n in negs] for negs in _NEGATIVES], dtype=torch.long)
+    neg_index = torch.tensor([[index[n] for n in negs] for negs in negatives], dtype=torch.long)
     return RegionGrid(corners, neg_index)
 
 
@@ -121,6 +155,68 @@ def extract_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
     patches = fmap[:, :, rows, cols]  # (B, C, R, K, K)
     batch, channels, n_regions = fmap.shape[0], fmap.shape[1], corners.shape[0]
     return patches.permute(0, 2, 1, 3, 4).reshape(batch, n_regions, channels * size * size)
+
+
+def region_points(corners: Tensor, size: int, fmap_size: tuple[int, int]) -> Tensor:
+    """Normalised (x, y) centres of the pixels of each ``size`` x ``size`` region, (R, K*K, 2).
+
+    The convention is ``grid_sample``'s with ``align_corners=False``: pixel i of n sits at
+    ``(2i + 1) / n - 1``. That is also where the centre of feature pixel i lies in the input
+    image (each feature pixel covers 2^k input pixels), so the same points serve the feature
+    map and the image it came from. Row-major within a region, as :func:`extract_regions`
+    flattens. float64.
+    """
+    height, width = fmap_size
+    corners = corners.to(torch.float64)
+    offsets = torch.arange(size, dtype=torch.float64, device=corners.device)
+    rows = (corners[:, 0, None] + offsets)[:, :, None].expand(-1, size, size)
+    cols = (corners[:, 1, None] + offsets)[:, None, :].expand(-1, size, size)
+    points = torch.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], dim=-1)
+    return points.reshape(corners.shape[0], size * size, 2)
+
+
+def view_points(points: Tensor, theta: Tensor) -> Tensor:
+    """Where each view shows ``points`` (R, P, 2) of the original image: (B, R, P, 2).
+
+    ``theta`` (B, 2, 3) is the view's sampling transform (``augment.warp``): view point q shows
+    original point ``A q + t``, so an original point p is at ``A^-1 (p - t)`` in the view.
+    """
+    theta = theta.to(torch.float64)
+    shifted = points.to(theta)[None] - theta[:, None, None, :, 2]
+    return torch.einsum("bij,brpj->brpi", torch.linalg.inv(theta[:, :, :2]), shifted)
+
+
+def points_inside(points: Tensor, fmap_size: tuple[int, int]) -> Tensor:
+    """(B, R) bool: every point of the region lies among the view's pixel centres.
+
+    That is within ``1 - 1/n`` of the centre in normalised units, n the feature map's side, so
+    that every sample interpolates between pixels of the view and none is a border copy.
+    """
+    height, width = fmap_size
+    limit = torch.tensor([1 - 1 / width, 1 - 1 / height], dtype=points.dtype, device=points.device)
+    return (points.abs() <= limit + 1e-9).all(dim=-1).all(dim=-1)
+
+
+def sample_regions(fmap: Tensor, points: Tensor) -> Tensor:
+    """Regions of ``fmap`` (B, C, H, W) sampled bilinearly at ``points`` (B, R, K*K, 2).
+
+    Returns (B, R, C*K*K) flattened channel-major like :func:`extract_regions`. Points outside
+    the map take the border value (their regions are skipped by the loss anyway, see
+    :func:`points_inside`); at pixel centres this is :func:`extract_regions` up to rounding.
+    """
+    if fmap.ndim != 4 or points.ndim != 4 or points.shape[0] != fmap.shape[0]:
+        raise ValueError(
+            f"fmap (B, C, H, W) and points (B, R, P, 2) must share B, got {tuple(fmap.shape)} "
+            f"and {tuple(points.shape)}"
+        )
+    work = torch.float64 if fmap.dtype == torch.float64 else torch.float32
+    grid = points.to(device=fmap.device, dtype=work)
+    samples = F.grid_sample(
+        fmap.to(work), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )  # (B, C, R, P)
+    batch, channels, n_regions, n_points = samples.shape
+    flat = samples.permute(0, 2, 1, 3).reshape(batch, n_regions, channels * n_points)
+    return flat.to(fmap.dtype)
 
 
 class GlobalHead(nn.Module):
@@ -170,9 +266,11 @@ class RegionProjector(nn.Module):
 class LocalEmbedder(nn.Module):
     """d_l feature map -> region embeddings (B, R, D) for :func:`local_contrastive_loss`.
 
-    g2, then :func:`extract_regions` at ``corners``, then (if ``project``) the shared dense
-    layer; D = ``out`` when projecting, else C*K*K. ``corners`` is a buffer so it follows the
-    module across devices; it is not persistent, since it is derived from the config.
+    g2, then :func:`extract_regions` at ``corners`` (or, given ``points``, :func:`sample_regions`
+    there: the same regions in views that were transformed differently), then (if ``project``)
+    the shared dense layer; D = ``out`` when projecting, else C*K*K. ``corners`` is a buffer so
+    it follows the module across devices; it is not persistent, since it is derived from the
+    config.
     """
 
     corners: Tensor
@@ -186,6 +284,10 @@ class LocalEmbedder(nn.Module):
         self.projector = RegionProjector(channels * size * size, out) if project else None
         self.register_buffer("corners", corners.to(torch.long).clone(), persistent=False)
 
-    def forward(self, fmap: Tensor) -> Tensor:
-        regions = extract_regions(self.g2(fmap), self.corners, self.size)
+    def forward(self, fmap: Tensor, points: Tensor | None = None) -> Tensor:
+        features = self.g2(fmap)
+        if points is None:
+            regions = extract_regions(features, self.corners, self.size)
+        else:
+            regions = sample_regions(features, points)
         return regions if self.projector is None else self.projector(regions)

@@ -64,9 +64,8 @@ class JointPretrainer(Trainer):
         self.g1 = GlobalHead(
             self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
         )
-        self.embedder, self.neg_index = local_embedder(
-            self.unet, local, cfg.model, height, width, section="local_loss"
-        )
+        head = local_embedder(self.unet, local, cfg.model, height, width, section="local_loss")
+        self.embedder, self.neg_index = head.embedder, head.neg_index
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1, "g2": self.embedder})
         self.model.to(self.device)
         decoder = self.unet.decoder[: local.decoder_blocks]

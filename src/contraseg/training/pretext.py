@@ -23,7 +23,6 @@ contrastive views are, before the corruption.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -80,7 +79,7 @@ class PretextPretrainer(Trainer):
         else:
             # the UNet with one linear output per image channel restores the image
             channels = cfg.model.in_channels or prepared.in_channels
-            self.unet = build_unet(dataclasses.replace(cfg.model, num_classes=channels), prepared)
+            self.unet = build_unet(cfg.model, prepared, outputs=channels)
             self.head = self.unet.head
             trained = list(self.unet.parameters())
             self.model = self.unet

@@ -2,11 +2,12 @@
 
 1. :class:`GlobalPretrainer`: encoder ``e`` + ``g1`` with the global contrastive loss.
 2. :class:`LocalPretrainer`: decoder blocks ``d_l`` + ``g2`` with the local contrastive loss on
-   top of the stage-1 encoder, which is frozen *entirely*: its weights get no gradient and its
-   batch-norm layers stay in eval mode, so they normalise with the running statistics learnt in
-   stage 1 and those statistics are not updated. Stage 2 thus sees one fixed function ``e`` and
-   hands exactly the stage-1 encoder tensors on to stage 3. (The official code freezes the
-   weights but lets the encoder's batch norm use batch statistics.)
+   top of the stage-1 encoder, whose weights get no gradient. With ``loss.encoder_bn=frozen``
+   (the default) its batch-norm layers stay in eval mode, so they normalise with the running
+   statistics learnt in stage 1: stage 2 sees one fixed function ``e``. With ``batch`` they
+   normalise each batch with its own statistics, as the official code does, without using or
+   updating the running ones. Either way stage 3 receives exactly the stage-1 encoder tensors
+   (docs/training.md).
 3. :class:`Finetuner`: the whole UNet on 1, 2 or 8 labelled volumes, from random weights, from
    ``e`` or from ``e`` + ``d_l``, validated on the two validation volumes every
    ``finetune.val_every`` iterations; the best-validation weights are the stage's product.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +39,7 @@ from contraseg.config import (
     PretrainLocalRun,
     to_dict,
 )
-from contraseg.data.augment import finetune_augment, pretrain_view
+from contraseg.data.augment import finetune_augment, pretrain_view, transformed_view
 from contraseg.data.cache import PreparedCase, PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.mixup import mixup, sample_mixup
@@ -55,7 +57,15 @@ from contraseg.losses import (
     one_hot,
     segmentation_loss,
 )
-from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_grid
+from contraseg.losses.local_contrastive import masked_local_chance_level
+from contraseg.models.heads import (
+    GlobalHead,
+    LocalEmbedder,
+    official_region_grid,
+    points_inside,
+    region_points,
+    view_points,
+)
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
 from contraseg.training.trainer import Trainer
@@ -67,10 +77,11 @@ class SliceSource(Protocol):
     def sample(self) -> SliceBatch: ...
 
 
-def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
-    """The UNet of ``config`` for ``prepared``; ``model.in_channels``/``num_classes`` may only
-    repeat what the dataset says (0 takes it from the dataset), since the labels, the classes of
-    the model bundle and the input channels all come from the dataset."""
+def build_unet(config: ModelConfig, prepared: PreparedDataset, outputs: int | None = None) -> UNet:
+    """The UNet of ``config`` for ``prepared``, with the dataset's classes as outputs (or
+    ``outputs``, for a pretext task that reconstructs the image). ``model.in_channels`` and
+    ``model.num_classes`` may only repeat what the dataset says (0 takes it from the dataset):
+    the labels, the classes of the model bundle and the input channels all come from it."""
     for key, given, found in (
         ("model.in_channels", config.in_channels, prepared.in_channels),
         ("model.num_classes", config.num_classes, prepared.num_classes),
@@ -79,7 +90,7 @@ def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
             raise InputError(
                 key, f"is {given}, but the dataset has {found} (0: take it from there)"
             )
-    return UNet(prepared.in_channels, prepared.num_classes, tuple(config.widths))
+    return UNet(prepared.in_channels, outputs or prepared.num_classes, tuple(config.widths))
 
 
 def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = False) -> list[str]:
@@ -132,6 +143,17 @@ def pretraining_sampler(
     return sampler, volumes
 
 
+@dataclass(frozen=True)
+class LocalHead:
+    """g2 on d_l with its regions: the official negatives (None: all), the feature-map size
+    and each region's sampling points (for views with their own transform)."""
+
+    embedder: LocalEmbedder
+    neg_index: torch.Tensor | None
+    fmap_size: tuple[int, int]
+    points: torch.Tensor
+
+
 def local_embedder(
     unet: UNet,
     loss: LocalLossConfig,
@@ -139,13 +161,14 @@ def local_embedder(
     height: int,
     width: int,
     section: str = "loss",
-) -> tuple[LocalEmbedder, torch.Tensor | None]:
-    """g2 on d_l for ``height`` x ``width`` inputs, and the official negatives (None: all);
-    errors name the config ``section`` that holds ``loss``."""
+) -> LocalHead:
+    """g2 on d_l for ``height`` x ``width`` inputs; errors name the config ``section`` that
+    holds ``loss``."""
     blocks = loss.decoder_blocks
     scale = 2 ** (5 - blocks)
+    fmap_size = (height // scale, width // scale)
     try:
-        grid = official_region_grid(height // scale, width // scale, loss.region_size)
+        grid = official_region_grid(*fmap_size, loss.region_size, loss.k1_regions)
     except ValueError as err:
         raise InputError(None, f"{section}.decoder_blocks={blocks}: {err}") from None
     embedder = LocalEmbedder(
@@ -155,7 +178,12 @@ def local_embedder(
         project=model.g2_project,
         out=model.g2_out,
     )
-    return embedder, grid.neg_index if loss.negatives == "official" else None
+    return LocalHead(
+        embedder,
+        grid.neg_index if loss.negatives == "official" else None,
+        fmap_size,
+        region_points(grid.corners, loss.region_size, fmap_size),
+    )
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -222,8 +250,10 @@ class GlobalPretrainer(Trainer):
 
 
 class LocalPretrainer(Trainer):
-    """Stage 2. L^R: random slices; L^D: ``m`` volumes x ``S`` partitions. Two intensity-only
-    views each (no crop, so that region (u, v) of one view corresponds to (u, v) of the other).
+    """Stage 2. L^R: random slices; L^D: ``m`` volumes x ``S`` partitions. Two views each:
+    intensity-only (``loss.views=aligned``: region (u, v) of one view is (u, v) of the other),
+    or each with its own crop and flip, region u sampled where each view shows it and skipped
+    where it does not (``transformed``, docs/local-views.md).
     """
 
     stage = "pretrain-local"
@@ -239,39 +269,53 @@ class LocalPretrainer(Trainer):
         self.unet = build_unet(cfg.model, prepared)
         load_pretrained(self.unet, cfg.encoder, "encoder")
         self.unet.encoder.requires_grad_(False)
+        if loss_cfg.encoder_bn == "batch":
+            for module in self.unet.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # in train mode: batch statistics, running ones neither used nor updated
+                    module.track_running_stats = False
 
         height, width = volumes[0].shape[-2:]
-        self.embedder, self.neg_index = local_embedder(
-            self.unet, loss_cfg, cfg.model, height, width
-        )
+        local = local_embedder(self.unet, loss_cfg, cfg.model, height, width)
+        self.embedder, self.neg_index = local.embedder, local.neg_index
+        self.fmap_size, self.region_points = local.fmap_size, local.points
         self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
         blocks = loss_cfg.decoder_blocks
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
 
-    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
-        self.unet.encoder.eval()  # frozen, batch norm included (see the module docstring)
+        if cfg.loss.encoder_bn == "frozen":
+            self.unet.encoder.eval()  # batch norm included (see the module docstring)
         batch = self.sampler.sample()
         images = batch.images.to(self.device, non_blocking=True)
-        views = torch.cat(
-            [
-                pretrain_view(images, cfg.augment, self.augment_generator, crop=False)
-                for _ in range(2)
-            ]
-        )
+        gen = self.augment_generator
+        points = None
+        if cfg.loss.views == "aligned":
+            views = torch.cat(
+                [pretrain_view(images, cfg.augment, gen, crop=False) for _ in range(2)]
+            )
+        else:
+            (view1, theta1), (view2, theta2) = (
+                transformed_view(images, cfg.augment, gen) for _ in range(2)
+            )
+            views = torch.cat([view1, view2])
+            points = view_points(self.region_points, torch.cat([theta1, theta2]))
         with torch.no_grad():
             bottleneck, skips = self.unet.encode(views)
         fmap = self.unet.decode(bottleneck, skips, blocks=cfg.loss.decoder_blocks)
-        regions = self.embedder(fmap)
+        regions = self.embedder(fmap, points)
         ids = _two_views(batch, views)
-        kwargs = {
-            "strategy": cfg.loss.strategy,
-            "neg_index": None if self.neg_index is None else self.neg_index.to(self.device),
-            "temperature": cfg.loss.temperature,
-        }
-        loss = local_contrastive_loss(regions, *ids, **kwargs)
-        return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+        neg_index = None if self.neg_index is None else self.neg_index.to(self.device)
+        kwargs = {"strategy": cfg.loss.strategy, "neg_index": neg_index}
+        valid = None if points is None else points_inside(points, self.fmap_size).to(self.device)
+        loss = local_contrastive_loss(
+            regions, *ids, temperature=cfg.loss.temperature, valid=valid, **kwargs
+        )
+        if valid is None:
+            return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+        return loss, {"chance": masked_local_chance_level(valid, *ids, **kwargs)}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         state = partial_state_dict(self.unet, True, self.config.loss.decoder_blocks)
