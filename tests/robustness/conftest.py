@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from contraseg.cli import main
+from contraseg.config import PretrainGlobalRun, save_config
 
 PRECIOUS = "precious.txt"
 
@@ -60,6 +61,15 @@ class Sandbox:
             assert (self.root / PRECIOUS).read_text() == "do not touch\n"
 
         return check
+
+
+@pytest.fixture
+def config_file(tiny_config, tmp_path: Path) -> Path:
+    """A tiny stage-1 config (2 iterations) as a file, outside the sandbox."""
+    path = tmp_path / "tiny.yaml"
+    config = tiny_config(PretrainGlobalRun, "optim.iterations=2", "loss.volumes_per_batch=2")
+    save_config(config, path)
+    return path
 
 
 @pytest.fixture

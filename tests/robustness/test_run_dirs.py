@@ -24,15 +24,6 @@ from contraseg.training.trainer import LOCK, MARKER, RUN_FILES, RUN_FOLDERS
 SRC = Path(contraseg.__file__).parents[1]
 
 
-@pytest.fixture
-def config_file(tiny_config, tmp_path) -> Path:
-    """A tiny stage-1 config (2 iterations) as a file, outside the sandbox."""
-    path = tmp_path / "tiny.yaml"
-    config = tiny_config(PretrainGlobalRun, "optim.iterations=2", "loss.volumes_per_batch=2")
-    save_config(config, path)
-    return path
-
-
 def train(run_cli, config_file, out, *extra, codes=(2,)):
     return run_cli("pretrain-global", "--config", config_file, "--out", out, *extra, codes=codes)
 

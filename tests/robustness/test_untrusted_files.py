@@ -9,10 +9,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-
-from contraseg.config import PretrainGlobalRun, save_config
 
 
 class _Payload:
@@ -23,14 +20,6 @@ class _Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture
-def config_file(tiny_config, tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    config = tiny_config(PretrainGlobalRun, "optim.iterations=2", "loss.volumes_per_batch=2")
-    save_config(config, path)
-    return path
 
 
 def test_a_checkpoint_with_a_pickle_payload_is_refused(sandbox, run_cli, config_file) -> None:
