@@ -29,8 +29,9 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
+    """The easy preset: the learning tests' tiny networks and budgets were sized on it."""
     root = tmp_path_factory.mktemp("phantom")
-    write_phantom_dataset(root, volumes=24, size=48, seed=3)
+    write_phantom_dataset(root, volumes=24, size=48, seed=3, preset="easy")
     return root
 
 

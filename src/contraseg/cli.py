@@ -49,8 +49,10 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
     from contraseg.data.phantom import write_phantom_dataset
 
     out = check_out_dir(args.out)
-    write_phantom_dataset(out, volumes=args.volumes, size=args.size, seed=args.seed)
-    print(f"wrote {args.volumes} phantom volumes to {out}")
+    write_phantom_dataset(
+        out, volumes=args.volumes, size=args.size, seed=args.seed, preset=args.preset
+    )
+    print(f"wrote {args.volumes} {args.preset} phantom volumes to {out}")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -195,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", type=int, default=100, help="number of volumes (default 100)")
     p.add_argument("--size", type=int, default=96, help="in-plane size in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument(
+        "--preset",
+        choices=["paper", "easy"],
+        default="paper",
+        help="difficulty: 'paper' (default; one labelled volume scores ~0.6 Dice) or 'easy'",
+    )
 
     p = command(
         "prepare",

@@ -156,10 +156,9 @@ class AcdcReader:
 class PhantomReader(AcdcReader):
     """The embedded phantom, read by the ACDC code with smaller defaults.
 
-    The phantom's heart (LV, myocardium and RV) spans about 60 mm and its centre moves by up to
-    7 mm, whatever size it was generated at. 64 x 64 pixels at 1.7 mm (a 109 mm field of view)
-    keep every heart of a 100-volume phantom at least 5 pixels from the border (at 1.5 mm the
-    largest ones touch it) while keeping CPU training cheap.
+    Every heart of the phantom (LV, myocardium and RV) lies within 48 mm of the image centre,
+    whatever size it was generated at (docs/data.md). 64 x 64 pixels at 1.7 mm (a 109 mm field
+    of view) keep it at least 3 pixels from the border while keeping CPU training cheap.
     """
 
     name = "phantom"
