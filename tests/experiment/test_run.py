@@ -286,6 +286,8 @@ def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
     ]
     path = tiny_grid(initialisations=inits, combinations=["c1", "c2"], labelled_volumes=[1])
     out = tmp_path / "out"
+    # the preprocessing cache is not locked between processes: prepared before the shards start
+    every = {r.name for r in load_plan([path], out, claim=False)[0].runs}
     command = [sys.executable, "-m", "contraseg.cli", "experiment", "--config", str(path)]
     command += ["--out", str(out), "--device", "cpu"]
     shards = [
@@ -304,7 +306,6 @@ def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
     assert started[0][:2] == ["pretrain-global/GD", "pretrain-local/GD+LD"] and started[1]
     assert "waiting for pretrain-" in outputs[1]
     assert not set(started[0]) & set(started[1])
-    every = {r.name for r in load_plan([path], out, claim=False)[0].runs}
     assert sorted(started[0] + started[1]) == sorted(every)
     for name in every:
         assert (out / name / "weights.safetensors").is_file()

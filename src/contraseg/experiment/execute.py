@@ -316,6 +316,7 @@ class _Scheduler:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **dict(slot.env)},
+            start_new_session=True,  # a Ctrl-C reaches the workers once, from _stop_workers
         )
         self.running[run.name] = _Worker(run, slot, process, log)
 
@@ -339,7 +340,7 @@ class _Scheduler:
         return bool(ended)
 
     def _stop_workers(self) -> None:
-        """Ctrl-C: each worker checkpoints and stops (as one Ctrl-C stops a run)."""
+        """Ctrl-C: each worker gets one SIGINT, so it checkpoints and stops as a run does."""
         for worker in self.running.values():
             with contextlib.suppress(OSError):
                 worker.process.send_signal(signal.SIGINT)

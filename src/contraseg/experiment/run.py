@@ -188,7 +188,7 @@ def run_experiment(
     slots = parse_devices(devices) if devices is not None else None
     chosen_shard = parse_shard(shard) if shard is not None else None
     if run is not None:
-        plan, _ = load_plan(configs, out, overrides)
+        plan, _ = load_plan(configs, out, overrides, claim=False)
         execute_run(plan.run(run), out, device)
         return ExperimentResult(plan, None, [])
     plan, prepared = load_plan(configs, out, overrides, claim=not dry_run)
