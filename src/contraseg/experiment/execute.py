@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from contraseg import fileio
-from contraseg.errors import InputError
+from contraseg.errors import InputError, TrainingError
 from contraseg.evaluation.evaluate import evaluate_run
 from contraseg.experiment.plan import LEVELS, TIME_FILE, Plan, Run, run_state
 from contraseg.training.stages import run_finetune, run_pretrain_global, run_pretrain_local
@@ -294,7 +294,7 @@ class _Scheduler:
         except Exception as err:
             path = log_path(self.out, run.name)
             fileio.write_text(path, traceback.format_exc())
-            known = isinstance(err, InputError) or type(err).__name__ == "TrainingError"
+            known = isinstance(err, InputError | TrainingError)
             message = str(err) if known else f"{type(err).__name__}: {err} (traceback in {path})"
             self._fail(run, fileio.one_line(message))
             return

@@ -29,7 +29,7 @@ from contraseg.experiment.execute import (
 from contraseg.experiment.grid import Grid, load_grid, save_grid
 from contraseg.experiment.plan import LEVELS, Plan, expand, run_state
 from contraseg.experiment.probe import describe_plan, probe
-from contraseg.experiment.report import write_report
+from contraseg.experiment.report import PHANTOM_NOTE, write_report
 from contraseg.experiment.results import Row, collect_rows, comparison_table, write_tables
 from contraseg.report import stats
 
@@ -152,12 +152,15 @@ def _worker_command(
 def print_results(plan: Plan, rows: Sequence[Row], say: Callable[[str], None] = print) -> None:
     """The table of test Dice and, for each initialisation, the paired comparison and its
     verdict."""
-    say("\n" + stats.summary_markdown(rows))
+    say("\ntest Dice, mean ± sample std over labelled sets and seeds (n runs):")
+    say(stats.summary_markdown(rows))
     if plan.grid.baseline:
         comparisons = stats.compare_to_baseline(rows, plan.grid.baseline)
         if comparisons:
             say("\n" + stats.markdown_table(*comparison_table(comparisons)))
             say("\n" + "\n".join(c.verdict for c in comparisons))
+    if plan.grid.data.dataset == "phantom":
+        say(f"\n{PHANTOM_NOTE}")
 
 
 def run_experiment(
