@@ -278,8 +278,8 @@ def test_workers_on_two_devices_finish_the_grid(tiny_grid, tmp_path, capsys, mon
 
 
 def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
-    """Shard 1 needs the pre-training that shard 0 does (each level's first run): it waits
-    for it if it gets there first."""
+    """Shard 1 starts first and waits for the pre-training that shard 0 does (each level's
+    first run); together they do every run once."""
     inits = [
         {"name": "random"},
         {"name": "G^D", "pretrain_global": {}},
@@ -291,23 +291,51 @@ def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
     every = {r.name for r in load_plan([path], out, claim=False)[0].runs}
     command = [sys.executable, "-m", "contraseg.cli", "experiment", "--config", str(path)]
     command += ["--out", str(out), "--device", "cpu"]
-    shards = [
-        subprocess.Popen(
-            [*command, "--shard", f"{i}/2"],
+
+    def start(index: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*command, "--shard", f"{index}/2"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env={**_env(), "PYTHONUNBUFFERED": "1"},
         )
-        for i in range(2)
+
+    second = start(1)
+    early = []
+    assert second.stdout is not None
+    for line in second.stdout:
+        early.append(line)
+        if line.startswith("waiting for"):
+            break
+    assert early[-1].startswith("waiting for pretrain-"), "".join(early)
+    first = start(0)
+    outputs = [
+        first.communicate(timeout=600)[0],
+        "".join(early) + second.communicate(timeout=600)[0],
     ]
-    outputs = [shard.communicate(timeout=600)[0] for shard in shards]
-    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    assert [first.returncode, second.returncode] == [0, 0], outputs
     started = [re.findall(r"^\[\d+/\d+\] (\S+) \(new", text, re.M) for text in outputs]
-    # shard 0 has both pre-training runs, which shard 1's fine-tuning runs need
     assert started[0][:2] == ["pretrain-global/GD", "pretrain-local/GD+LD"] and started[1]
     assert not set(started[0]) & set(started[1])
     assert sorted(started[0] + started[1]) == sorted(every)
     for name in every:
         assert (out / name / "weights.safetensors").is_file()
     assert math.isfinite(float(_csv_rows(out / "results.csv")[0]["test_dice"]))
+
+
+def test_a_shard_does_not_start_what_needs_another_shards_failed_run(tiny_grid, tmp_path, capsys):
+    inits = [{"name": "random"}, {"name": "G^D", "pretrain_global": {}}]
+    path = tiny_grid(initialisations=inits, combinations=["c1", "c2"], labelled_volumes=[1])
+    out = tmp_path / "out"
+    failed = out / ".experiment" / "failed" / "pretrain-global__GD.txt"
+    failed.parent.mkdir(parents=True)
+    (out / ".contraseg-experiment").write_text("")
+    failed.write_text("the loss became nan at iteration 2\n")  # what shard 0 recorded
+    result = run_experiment([path], out, device="cpu", shard="1/2")
+    assert result.outcome is not None
+    why = "needs pretrain-global/GD, which failed: the loss became nan at iteration 2"
+    # the shard's runs: every second fine-tuning run, here those of G^D
+    assert result.outcome.blocked == {f"finetune/GD/1vol-{c}-s0": why for c in ("c1", "c2")}
+    assert result.outcome.done == [] and not (out / "pretrain-global").exists()
+    assert f"not started: finetune/GD/1vol-c2-s0: {why}" in capsys.readouterr().out
