@@ -141,10 +141,29 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from contraseg.experiment import run_experiment
+
+    result = run_experiment(
+        args.config,
+        check_out_dir(args.out),
+        args.overrides,
+        device=args.device,
+        devices=args.devices,
+        shard=args.shard,
+        level=args.level,
+        dry_run=args.dry_run,
+        wait_timeout=args.wait_timeout,
+        run=args.run,
+    )
+    return 0 if result.outcome is None or result.outcome.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
     from contraseg.demo import run_demo
 
-    run_demo(check_out_dir(args.out), quick=args.quick, device=args.device)
+    result = run_demo(check_out_dir(args.out), quick=args.quick, device=args.device)
+    return 0 if result.outcome is None or result.outcome.ok else 1
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -294,6 +313,49 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     _add_config_args(show)
+
+    p = command(
+        "experiment",
+        _cmd_experiment,
+        "Run a grid of pre-training and fine-tuning runs (a table of the paper) and report it.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        required=True,
+        help="grid YAML file; repeat to merge more over it (configs/paper/grids/)",
+    )
+    p.add_argument("--out", required=True, help="experiment folder (runs, results, report)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="grid overrides, e.g. data.root=/data/ACDC",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the runs and estimate their time, run nothing"
+    )
+    p.add_argument("--device", default="auto", help=DEVICES)
+    p.add_argument(
+        "--devices",
+        help="run in parallel, one worker per entry: GPU indices (0,1,2,3) or cpu,cpu",
+    )
+    p.add_argument(
+        "--shard", help="i/n: take every n-th run of each level from the i-th (array jobs)"
+    )
+    p.add_argument(
+        "--level",
+        choices=["pretrain-global", "pretrain-local", "finetune"],
+        help="only this level's runs; a run whose dependency is not finished is not started",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=86400.0,
+        help="seconds a shard waits for another shard's run it needs (default 86400)",
+    )
+    p.add_argument("--run", help=argparse.SUPPRESS)  # a worker: this one run of the grid
 
     p = command("demo", _cmd_demo, "The whole method end to end on the embedded phantom.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -1,4 +1,5 @@
-"""A sample report rendered by headless Chromium: the page is not blank and every figure loads.
+"""Reports rendered by headless Chromium (a sample and a real grid's): the page is not blank and
+every figure loads.
 
 Chromium is driven from the command line only (``--screenshot`` and ``--dump-dom``), so the test
 needs no Python package beyond the standard library and PIL.
@@ -11,8 +12,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 from PIL import Image
 
+from contraseg.experiment import run_experiment
 from contraseg.report import figures
 from contraseg.report.html import BulletList, Figure, Paragraph, Section, Table, write_html_report
 from contraseg.report.stats import aggregate, compare_to_baseline, summary_grid
@@ -83,13 +87,11 @@ def run_chromium(chromium: str, folder: Path, *args: str) -> str:
     return done.stdout
 
 
-def test_report_renders_in_chromium(chromium, sample_rows, sample_embeddings, tmp_path):
-    page = sample_report(sample_rows, sample_embeddings, tmp_path)
-
-    shot = tmp_path / "shot.png"
-    run_chromium(
-        chromium, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri()
-    )
+def assert_renders(chromium: str, page: Path, folder: Path) -> str:
+    """The page is not blank, shows the figures' colours, and every image decodes (a broken
+    image added to a copy shows that the probe sees failures); returns the rendered DOM."""
+    shot = folder / "shot.png"
+    run_chromium(chromium, folder, f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri())
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 2000)
     pixels = np.asarray(image, dtype=float)
@@ -98,15 +100,62 @@ def test_report_renders_in_chromium(chromium, sample_rows, sample_embeddings, tm
     coloured = (hsv[..., 1] > 120) & (hsv[..., 2] > 80)  # the figures' lines and bars
     assert coloured.sum() > 2000, "no figure colours in the screenshot"
 
-    probed = tmp_path / "probed.html"
+    images = page.read_text(encoding="utf-8").count("<img ")
+    probed = folder / "probed.html"
     probed.write_text(
         page.read_text(encoding="utf-8").replace("</body>", BROKEN + PROBE + "</body>"),
         encoding="utf-8",
     )
     dom = run_chromium(
-        chromium, tmp_path, "--dump-dom", "--virtual-time-budget=10000", probed.as_uri()
+        chromium, folder, "--dump-dom", "--virtual-time-budget=10000", probed.as_uri()
     )
     counted = re.search(r'data-images="(\d+)/(\d+)"', dom)
     assert counted, "the probe did not run: " + dom[:500]
-    assert counted.groups() == ("3", "4")  # all three figures; only the broken image failed
+    assert counted.groups() == (str(images), str(images + 1))  # only the broken image failed
+    return dom
+
+
+def test_report_renders_in_chromium(chromium, sample_rows, sample_embeddings, tmp_path):
+    page = sample_report(sample_rows, sample_embeddings, tmp_path)
+    dom = assert_renders(chromium, page, tmp_path)
+    assert page.read_text(encoding="utf-8").count("<img ") == 3
     assert "Sample grid &lt;report&gt;" in dom
+
+
+@pytest.mark.slow
+def test_a_grid_report_renders_in_chromium(chromium, phantom_root, tmp_path):
+    """The report of a real (tiny) grid: every figure of every section loads."""
+    grid = {
+        "title": "tiny grid",
+        "data": {
+            "dataset": "phantom",
+            "root": str(phantom_root),
+            "cache": str(phantom_root / ".contraseg-cache"),
+            "size": [32, 32],
+            "target_spacing": [3.0, 3.0],
+        },
+        "model": {"widths": [4, 8, 8, 8, 8, 8], "g1_hidden": 32, "g1_out": 16, "g2_out": 16},
+        "pretrain_global": {"loss": {"volumes_per_batch": 2}, "optim": {"iterations": 3}},
+        "pretrain_local": {
+            "loss": {"strategy": "LD", "volumes_per_batch": 2},
+            "optim": {"iterations": 3},
+        },
+        "finetune": {"finetune": {"val_every": 2}, "optim": {"iterations": 4, "batch_size": 4}},
+        "initialisations": [
+            {"name": "random"},
+            {"name": "G^D", "pretrain_global": {}},
+            {"name": "G^D + L^D", "pretrain_global": {}, "pretrain_local": {}},
+        ],
+        "labelled_volumes": [1, 2],
+        "combinations": ["c1"],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    result = run_experiment([path], tmp_path / "out", device="cpu")
+    page = tmp_path / "out" / "report.html"
+    dom = assert_renders(chromium, page, tmp_path)
+    assert (
+        page.read_text(encoding="utf-8").count("<img ") == 6
+    )  # every figure of the report, one embedding
+    assert "G^D + L^D vs random with 2 labelled volumes" in dom
+    assert len(result.rows) == 6

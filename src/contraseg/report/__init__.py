@@ -1,2 +1,2 @@
-"""What runs show: paired statistics and aggregated tables (``stats``), figures, the demo's
-markdown report and the self-contained HTML report."""
+"""What runs show: paired statistics and aggregated tables (``stats``), figures (``figures``)
+and self-contained HTML pages (``html``); ``contraseg.experiment`` assembles them for a grid."""

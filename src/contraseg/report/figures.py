@@ -37,8 +37,16 @@ COLOURS = (
     "#bcbd22",
     "#17becf",
 )
+# Label overlays: transparent background, then blue, yellow, red (ACDC's RV, Myo, LV), then
+# the tab10 colours for datasets with more classes (MMWHS has 7).
 LABEL_COLOURS = np.array(
-    [[0, 0, 0, 0], [0.2, 0.4, 1.0, 0.55], [1.0, 0.8, 0.1, 0.55], [1.0, 0.2, 0.2, 0.55]]
+    [
+        [0, 0, 0, 0],
+        [0.2, 0.4, 1.0, 0.55],
+        [1.0, 0.8, 0.1, 0.55],
+        [1.0, 0.2, 0.2, 0.55],
+        *([*plt.get_cmap("tab10")(k)[:3], 0.55] for k in (2, 4, 5, 6, 7, 8, 9)),
+    ]
 )
 
 
@@ -63,10 +71,21 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     )
 
 
-def loss_curves(runs: Mapping[str, Path], path: Path) -> None:
-    """Pre-training loss against iteration, each beside its chance level (dashed)."""
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
-    for ax, (title, run_dir) in zip(axes[0], runs.items(), strict=True):
+def _panels(count: int, columns: int, width: float, height: float) -> tuple[plt.Figure, list]:
+    """A figure of ``count`` panels, ``columns`` per row; the unused ones hidden."""
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_axis_off()
+    return fig, list(axes.flat[:count])
+
+
+def loss_curves(runs: Mapping[str, Path], path: Path, columns: int = 4) -> None:
+    """Pre-training loss against iteration, each beside its chance level (dashed); one panel
+    per run, ``columns`` per row."""
+    fig, axes = _panels(len(runs), columns, 5.0, 3.6)
+    for ax, (title, run_dir) in zip(axes, runs.items(), strict=True):
         rows = [r for r in read_metrics(run_dir) if "loss" in r]
         it = np.array([r["iteration"] for r in rows])
         loss = np.array([r["loss"] for r in rows])
@@ -84,12 +103,8 @@ def validation_curves(
 ) -> None:
     """Validation Dice against fine-tuning iteration; one panel per labelled set (``columns``
     per row), one line per initialisation (all fine-tuned on the same labelled volumes)."""
-    columns = min(columns, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.set_axis_off()
-    for ax, (title, runs) in zip(axes.flat, panels.items(), strict=False):
+    fig, axes = _panels(len(panels), columns, 4.4, 3.4)
+    for ax, (title, runs) in zip(axes, panels.items(), strict=True):
         for colour, (init, run_dir) in zip(itertools.cycle(COLOURS), runs.items(), strict=False):
             logged = [r for r in read_metrics(run_dir) if "val_dice" in r]
             ax.plot(

@@ -1,0 +1,183 @@
+"""Grid files: strict keys with suggestions, merged layers, and every shipped grid expands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contraseg.cli import main
+from contraseg.data.splits import generated_split, get_split
+from contraseg.errors import InputError
+from contraseg.experiment import expand, load_grid
+
+REPO = Path(__file__).resolve().parents[2]
+GRIDS = REPO / "configs" / "paper" / "grids"
+DATASETS = ("acdc", "prostate", "mmwhs")
+TABLES = {
+    "table1": DATASETS,
+    "table2_batch": ("acdc",),
+    "table3_partitions": ("acdc",),
+    "table4_decoder": ("acdc",),
+    "table5_region": ("prostate", "mmwhs"),
+    "table6_strategies": DATASETS,
+}
+
+
+def _write(tmp_path: Path, text: str, name: str = "g.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "initialisation: []\n",
+            "unknown config key 'initialisation' (did you mean 'initialisations'?)",
+        ),
+        (
+            "pretrain_global: {loss: {stratgy: GR}}\n",
+            "unknown config key 'pretrain_global.loss.stratgy' (did you mean "
+            "'pretrain_global.loss.strategy'?)",
+        ),
+        ("finetune: {seed: 3}\n", "'finetune.seed' is set by seeds"),
+        (
+            "finetune: {finetune: {init: encoder}}\n",
+            "'finetune.finetune.init' is set by initialisations",
+        ),
+        (
+            "pretrain_global: {data: {n4: true}}\n",
+            "'pretrain_global.data.n4' is set by the grid's top-level data",
+        ),
+        ("pretrain_local: {encoder: /x}\n", "'pretrain_local.encoder' is set by the stage-1 run"),
+        ("labelled_volumes: [1, 3]\n", "'labelled_volumes[1]' must be one of 1 | 2 | 8 | 'all'"),
+        ("seeds: [0, 0]\n", "'seeds' has repeated values"),
+        ("baseline: none\n", "'baseline': 'none' is not an initialisation"),
+        ("phantom: {volumes: 30}\ndata: {dataset: acdc}\n", "applies only to data.dataset phantom"),
+        (
+            "initialisations: [{name: a, pretrain_local: {}}]\nbaseline: a\n",
+            "'initialisations[0].pretrain_local': needs pretrain_global",
+        ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_global: {loss: {strategy: GX}}}]\n",
+            "'initialisations[1].pretrain_global.loss.strategy' must be one of",
+        ),
+    ],
+)
+def test_bad_grids_name_the_file_and_the_key(tmp_path, text, message):
+    base = "initialisations: [{name: random}]\n"
+    path = _write(tmp_path, text if text.startswith("initialisations") else base + text)
+    with pytest.raises(InputError) as err:
+        load_grid([path])
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_later_files_and_overrides_win(tmp_path):
+    first = _write(
+        tmp_path,
+        "data: {dataset: acdc, root: /a, n4: true}\nseeds: [0, 1]\n"
+        "pretrain_global: {optim: {iterations: 7, lr: 0.01}}\n"
+        "initialisations: [{name: random}]\n",
+        "first.yaml",
+    )
+    second = _write(tmp_path, "pretrain_global: {optim: {iterations: 9}}\n", "second.yaml")
+    grid = load_grid([first, second], ["seeds=[3]", "data.root=/b"])
+    assert grid.pretrain_global == {"optim": {"iterations": 9, "lr": 0.01}}
+    assert grid.seeds == [3]
+    assert grid.data.root == "/b"
+    assert grid.data.n4 is True
+
+
+def test_the_cli_prints_one_line_for_a_bad_grid(tmp_path, capsys):
+    path = _write(tmp_path, "initialisations: [{name: random}]\nseeds: [-1]\n")
+    assert main(["experiment", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'seeds[0]' must lie in" in err
+    assert not (tmp_path / "o").exists()
+
+
+def _split(grid):
+    if grid.data.dataset in DATASETS:
+        return get_split(grid.data.dataset, [])
+    volumes = grid.phantom.volumes
+    return generated_split([f"patient{i:03d}" for i in range(1, volumes + 1)], 0)
+
+
+@pytest.mark.parametrize(
+    ("table", "dataset"), [(t, d) for t, datasets in TABLES.items() for d in datasets]
+)
+def test_every_paper_grid_expands_on_its_dataset_and_at_tiny_size(table, dataset, tmp_path):
+    files = [GRIDS / f"{dataset}.yaml", GRIDS / f"{table}.yaml"]
+    grid = load_grid(files, ["data.root=/data"])
+    plan = expand(grid, tmp_path, _split(grid))
+    pretraining = [r for r in plan.runs if r.stage != "finetune"]
+    finetuning = plan.level("finetune")
+    assert len(finetuning) == len(grid.initialisations) * len(grid.seeds) * sum(
+        1 if n == "all" else len(plan.split.combinations(n)) for n in grid.labelled_volumes
+    )
+    assert all(r.iterations == 10000 for r in plan.runs)
+    gd = [r for r in pretraining if r.name.startswith("pretrain-global/GD")]
+    assert all(
+        2 * r.config.loss.volumes_per_batch * r.config.loss.partitions in (36, 40, 42, 248, 416)
+        for r in gd
+    )
+
+    tiny = load_grid([*files, GRIDS / "tiny.yaml"])
+    tiny_plan = expand(tiny, tmp_path, _split(tiny))
+    assert tiny.data.dataset == "phantom" and tiny.data.root == ""
+    assert [r.name for r in tiny_plan.runs if r.stage != "finetune"] == [
+        r.name for r in pretraining
+    ]
+    assert all(r.iterations == 2 for r in tiny_plan.runs)
+
+
+def test_table1_on_acdc_has_the_papers_runs(tmp_path):
+    grid = load_grid([GRIDS / "acdc.yaml", GRIDS / "table1.yaml"])
+    plan = expand(grid, tmp_path, _split(grid))
+    assert [r.name for r in plan.runs if r.stage != "finetune"] == [
+        "pretrain-global/GR",
+        "pretrain-global/GD",
+        "pretrain-local/GR+LR",
+        "pretrain-local/GD+LR",
+        "pretrain-local/GD+LD",
+    ]
+    local = plan.run("pretrain-local/GD+LD").config
+    assert (local.loss.decoder_blocks, local.loss.region_size) == (3, 3)
+    gd = plan.run("pretrain-global/GD").config
+    assert (gd.loss.volumes_per_batch, gd.loss.partitions) == (5, 4)  # a batch of 40
+    # 6 initialisations x (5 + 5 + 3 sets + the benchmark) x 2 seeds
+    assert len(plan.level("finetune")) == 6 * 14 * 2
+    benchmark = plan.run("finetune/GD+LR/all-s1").config
+    assert benchmark.finetune.labelled_volumes == "all"
+    assert benchmark.finetune.pretrained == str(tmp_path / "pretrain-local/GD+LR")
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
+def test_the_demo_grids_compare_every_initialisation_in_pairs(name, tmp_path):
+    grid = load_grid([REPO / "configs" / name])
+    plan = expand(grid, tmp_path, _split(grid))
+    assert [i.name for i in grid.initialisations] == ["random", "G^R", "G^D", "G^D + L^D"]
+    assert grid.labelled_volumes == [1, 2]
+    runs = plan.level("finetune")
+    cells = {(r.init, r.labelled_volumes) for r in runs}
+    pairs = {
+        cell: {(r.combination, r.seed) for r in runs if (r.init, r.labelled_volumes) == cell}
+        for cell in cells
+    }
+    assert len({frozenset(p) for p in pairs.values()}) == 1  # the same sets and seeds everywhere
+    if name == "demo.yaml":
+        assert len(next(iter(pairs.values()))) >= 6  # the least for p < 0.05
+
+
+def test_grid_yaml_records_the_resolved_grid(tmp_path):
+    from contraseg.experiment.grid import grid_text
+
+    grid = load_grid([REPO / "configs" / "demo.yaml"], ["data.size=[64,64]"])
+    path = _write(tmp_path, grid_text(grid), "grid.yaml")
+    assert yaml.safe_load(path.read_text())["data"]["size"] == [64, 64]
+    assert load_grid([path]) == grid
