@@ -39,6 +39,7 @@ from contraseg.config import (
     to_dict,
     validate,
 )
+from contraseg.data.phantom import Preset
 from contraseg.errors import InputError
 
 __all__ = [
@@ -86,6 +87,9 @@ class PhantomSpec:
     volumes: int = option(60, help="volumes to generate", low=6, high=999)
     size: int = option(96, help="in-plane size of the generated images in pixels", low=16, high=512)
     seed: int = option(0, help="dataset seed", low=0, high=SEED_MAX)
+    preset: Preset = option(
+        "paper", help="difficulty: paper (the paper's one-volume regime) or easy (docs/data.md)"
+    )
 
 
 @dataclass

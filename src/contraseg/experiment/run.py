@@ -104,7 +104,13 @@ def ensure_phantom(grid: Grid, out: Path) -> Grid:
         complete = False
     if not complete:
         fileio.write_json(record, {**spec, "complete": False})
-        write_phantom_dataset(root, volumes=spec["volumes"], size=spec["size"], seed=spec["seed"])
+        write_phantom_dataset(
+            root,
+            volumes=spec["volumes"],
+            size=spec["size"],
+            seed=spec["seed"],
+            preset=spec["preset"],
+        )
         fileio.write_json(record, {**spec, "complete": True})
     return dataclasses.replace(grid, data=dataclasses.replace(grid.data, root=str(root)))
 
