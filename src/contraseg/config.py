@@ -45,9 +45,12 @@ __all__ = [
     "PretrainAugmentConfig",
     "PretrainGlobalRun",
     "PretrainLocalRun",
+    "deep_merge",
     "describe",
+    "from_dict",
     "load_config",
     "parse_overrides",
+    "read_yaml",
     "save_config",
     "to_dict",
     "validate",
@@ -635,7 +638,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise InputError(source, f"'{key}' must be a mapping, got {value!r}")
-        return _from_dict(tp, value, source, prefix=f"{key}.")  # type: ignore[arg-type]
+        return from_dict(tp, value, source, prefix=f"{key}.")  # type: ignore[arg-type]
     if tp is float and isinstance(value, int | str) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)
@@ -669,7 +672,9 @@ def _suggest(cls: type, key: str, prefix: str = "") -> str:
     return ""
 
 
-def _from_dict(cls: type[C], values: dict[str, Any], source: str | None, prefix: str = "") -> C:
+def from_dict(cls: type[C], values: dict[str, Any], source: str | None, prefix: str = "") -> C:
+    """``cls`` from nested ``values`` over its defaults: unknown keys suggest the right one,
+    values are type-checked; rules are checked separately (:func:`validate`)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in _fields(cls)}
     for key in values:
@@ -803,17 +808,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, section by section (a later layer wins key by key)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML file (safe loader); any problem is one line naming the file."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as err:
@@ -840,13 +847,13 @@ def load_config(
     source = None
     if path is not None:
         source = str(path)
-        values = _read_yaml(path)
+        values = read_yaml(path)
         if sections is not None:
             values = {k: v for k, v in values.items() if k in sections}
     if overrides:
-        values = _deep_merge(values, parse_overrides(overrides))
+        values = deep_merge(values, parse_overrides(overrides))
         source = source or "command line"
-    config = _from_dict(cls, values, source)
+    config = from_dict(cls, values, source)
     validate(config, source)
     return absolute_paths(config)
 

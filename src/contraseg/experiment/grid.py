@@ -21,8 +21,8 @@ import yaml
 
 from contraseg import fileio
 
-# _deep_merge, _from_dict, _read_yaml: the run-config loader's internals, reused so that a grid
-# is read and checked exactly as a run config is (suggestions for misspelt keys, typed values)
+# a grid is read and checked exactly as a run config is (suggestions for misspelt keys, typed
+# values), by the same loader's parts
 from contraseg.config import (
     SEED_MAX,
     DataConfig,
@@ -30,12 +30,12 @@ from contraseg.config import (
     ModelConfig,
     PretrainGlobalRun,
     PretrainLocalRun,
-    _deep_merge,
-    _from_dict,
-    _read_yaml,
     absolute_paths,
+    deep_merge,
+    from_dict,
     option,
     parse_overrides,
+    read_yaml,
     to_dict,
     validate,
 )
@@ -196,7 +196,7 @@ def _check_layer(section: str, layer: dict[str, Any], where: str, source: str) -
         for refused, owner in forbidden.items():
             if key == refused or key.startswith(f"{refused}."):
                 raise InputError(source, f"'{where}.{key}' is set by {owner}")
-    _from_dict(STAGES[section][1], layer, source, prefix=f"{where}.")
+    from_dict(STAGES[section][1], layer, source, prefix=f"{where}.")
 
 
 def stage_config(grid: Grid, section: str, *layers: dict[str, Any], source: str) -> Any:
@@ -207,8 +207,8 @@ def stage_config(grid: Grid, section: str, *layers: dict[str, Any], source: str)
         "model": dataclasses.asdict(grid.model),
     }
     for layer in (getattr(grid, section), *layers):
-        values = _deep_merge(values, layer)
-    config = _from_dict(STAGES[section][1], values, source)
+        values = deep_merge(values, layer)
+    config = from_dict(STAGES[section][1], values, source)
     validate(config, source)
     return absolute_paths(config)
 
@@ -224,13 +224,13 @@ def load_grid(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Gri
         raise InputError("--config", "give the grid's YAML file")
     values: dict[str, Any] = {}
     for path in paths:
-        values = _deep_merge(values, _read_yaml(path))
+        values = deep_merge(values, read_yaml(path))
     if overrides:
-        values = _deep_merge(values, parse_overrides(list(overrides)))
+        values = deep_merge(values, parse_overrides(list(overrides)))
     source = " + ".join(str(p) for p in paths) + (" + command line" if overrides else "")
     if values.get("phantom") is not None and "root" not in (values.get("data") or {}):
-        values = _deep_merge(values, {"data": {"root": ""}})
-    grid = _from_dict(Grid, values, source)
+        values = deep_merge(values, {"data": {"root": ""}})
+    grid = from_dict(Grid, values, source)
     validate(grid, source)
     for section in STAGES:
         _check_layer(section, getattr(grid, section), section, source)
