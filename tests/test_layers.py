@@ -26,6 +26,7 @@ RANK = {
 }  # fmt: skip
 # imports within one layer, one way only (so that no cycle can form)
 SAME_LAYER = {
+    ("demo", "experiment"),  # the demo is an experiment grid
     ("evaluation", "inference"),
     ("config", "errors"),
     ("config", "fileio"),
