@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from contraseg.cli import main
+from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun, load_config
 from contraseg.data.readers import get_reader
 from contraseg.data.splits import generated_split, get_split
 from contraseg.errors import InputError
@@ -343,6 +344,19 @@ def test_the_cityscapes_grid_expands_on_a_cityscapes_layout(tmp_path, write_city
         assert run.config.augment.geometry == "crop" and run.config.augment.hue == 0.05
         assert run.config.finetune.mixup_alpha == (0.1 if "Mixup" in run.init else 0.0)
     assert all(r.iterations == 10000 for r in plan.runs)
+    # the settings of the stage configs that docs/training.md gives for running it by hand
+    paper = REPO / "configs" / "paper"
+    for name, cls, stage, keys in (
+        ("pretrain_global_GR", PretrainGlobalRun, "pretrain-global", ("loss", "augment", "optim")),
+        ("pretrain_local_LR_d3", PretrainLocalRun, "pretrain-local", ("loss", "augment", "optim")),
+        ("finetune", FinetuneRun, "finetune", ("augment", "optim")),
+    ):
+        config = load_config(cls, paper / f"cityscapes_{name}.yaml", [f"data.root={root}"])
+        run = plan.level(stage)[0]
+        assert all(getattr(config, k) == getattr(run.config, k) for k in keys), name
+        assert config.data == run.config.data
+    finetune = plan.run("finetune/GR+LR/1vol-c1-s0").config.finetune
+    assert (finetune.loss, finetune.val_every) == (config.finetune.loss, config.finetune.val_every)
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])

@@ -174,7 +174,8 @@ def _safe(name: str) -> str:
 
 
 def variant_name(label: str, layer: dict[str, Any]) -> str:
-    """``GD`` + ``-m31`` for each key of the variant besides the strategy, in key order."""
+    """``GD`` + ``-m31`` for each key of the variant besides those the label names, in key
+    order."""
     return _safe("-".join([label, *_key_parts(layer)]))
 
 
