@@ -346,7 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--level",
-        choices=["pretrain-global", "pretrain-local", "finetune"],
+        choices=[
+            "pretrain-global",
+            "pretrain-joint",
+            "pretrain-pretext",
+            "pretrain-local",
+            "finetune",
+        ],
         help="only this level's runs; a run whose dependency is not finished is not started",
     )
     p.add_argument(

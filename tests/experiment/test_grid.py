@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from contraseg.cli import main
+from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun, load_config
+from contraseg.data.readers import get_reader
 from contraseg.data.splits import generated_split, get_split
 from contraseg.errors import InputError
 from contraseg.experiment import expand, load_grid
@@ -22,6 +25,10 @@ TABLES = {
     "table4_decoder": ("acdc",),
     "table5_region": ("prostate", "mmwhs"),
     "table6_strategies": DATASETS,
+    "table7_joint": ("acdc",),
+    "table8_mixup": DATASETS,
+    "baselines": DATASETS,
+    "local_views": DATASETS,
 }
 
 
@@ -66,11 +73,71 @@ def _write(tmp_path: Path, text: str, name: str = "g.yaml") -> Path:
             "{name: x, pretrain_global: {loss: {strategy: GX}}}]\n",
             "'initialisations[1].pretrain_global.loss.strategy' must be one of",
         ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_pretext: {pretext: {task: jigsaw}}}]\n",
+            "'initialisations[1].pretrain_pretext.pretext.task' must be one of 'rotation' | "
+            "'inpainting' | 'context_restoration', got 'jigsaw'",
+        ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_global: {}, pretrain_joint: {}}]\n",
+            "'initialisations[1]': give one of pretrain_global, pretrain_joint, "
+            "pretrain_pretext, not pretrain_global and pretrain_joint",
+        ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_joint: {}, pretrain_local: {}}]\n",
+            "'initialisations[1].pretrain_local': needs pretrain_global",
+        ),
+        (
+            "initialisations: [{name: random}, {name: x, finetune: {finetune: {combination: c2}}}]"
+            "\n",
+            "'initialisations[1].finetune.finetune.combination' is set by combinations",
+        ),
+        (
+            "initialisations: [{name: random}, {name: x, finetune: {seed: 4}}]\n",
+            "'initialisations[1].finetune.seed' is set by seeds",
+        ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_global: {}, finetune: {finetune: {pretrained: /r}}}]\n",
+            "'initialisations[1].finetune.finetune.pretrained' is set by initialisations",
+        ),
+        (
+            "initialisations: [{name: random}, {name: x, finetune: {data: {size: [64, 64]}}}]\n",
+            "'initialisations[1].finetune.data.size' is set by the grid's top-level data",
+        ),
+        (
+            "initialisations: [{name: random}, {name: x, finetune: {finetune: {mixup: 0.1}}}]\n",
+            "unknown config key 'initialisations[1].finetune.finetune.mixup' (did you mean "
+            "'initialisations[1].finetune.finetune.mixup_alpha'?)",
+        ),
+        (
+            "initialisations: [{name: random, load: encoder}]\n",
+            "'initialisations[0].load': random initialisation loads nothing",
+        ),
+        (
+            "initialisations: [{name: random}, {name: x, pretrain_global: {}, load: decoder}]\n",
+            "'initialisations[1].load' must be one of 'encoder' | 'encoder+decoder'",
+        ),
+        (
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_pretext: {}, load: encoder+decoder}]\n",
+            "'initialisations[1].load': encoder+decoder needs a pre-training that trains "
+            "decoder blocks",
+        ),
+        (
+            "pretrain_pretext: {pretext: {task: rotation}}\n"
+            "initialisations: [{name: random}, "
+            "{name: x, pretrain_global: {}, load: encoder+decoder}]\n",
+            "'initialisations[1].load': encoder+decoder needs",
+        ),
     ],
 )
 def test_bad_grids_name_the_file_and_the_key(tmp_path, text, message):
     base = "initialisations: [{name: random}]\n"
-    path = _write(tmp_path, text if text.startswith("initialisations") else base + text)
+    path = _write(tmp_path, text if "initialisations" in text else base + text)
     with pytest.raises(InputError) as err:
         load_grid([path])
     assert str(path) in str(err.value)
@@ -155,6 +222,141 @@ def test_table1_on_acdc_has_the_papers_runs(tmp_path):
     benchmark = plan.run("finetune/GD+LR/all-s1").config
     assert benchmark.finetune.labelled_volumes == "all"
     assert benchmark.finetune.pretrained == str(tmp_path / "pretrain-local/GD+LR")
+
+
+def _pretraining(plan) -> list[str]:
+    return [r.name for r in plan.runs if r.stage != "finetune"]
+
+
+def _folders(plan) -> dict[str, str]:
+    """Initialisation -> its fine-tuning folder."""
+    return {r.init: r.name.split("/")[1] for r in plan.level("finetune")}
+
+
+def test_table7_compares_joint_runs_with_the_stagewise_method(tmp_path):
+    grid = load_grid([GRIDS / "acdc.yaml", GRIDS / "table7_joint.yaml"])
+    plan = expand(grid, tmp_path, _split(grid))
+    lambdas = (1, 10, 100, 1000)
+    assert _pretraining(plan) == [
+        "pretrain-global/GD",
+        *(f"pretrain-joint/GD+LD-lambda{v}" for v in lambdas),
+        "pretrain-local/GD+LD",
+    ]
+    stagewise = plan.run("pretrain-local/GD+LD").config
+    for value in lambdas:
+        joint = plan.run(f"pretrain-joint/GD+LD-lambda{value}").config
+        assert joint.lambda_local == value
+        assert joint.local_loss == stagewise.loss  # the same local loss, batch and depth
+        assert joint.global_loss == plan.run("pretrain-global/GD").config.loss
+        run = plan.run(f"finetune/joint-GD+LD-lambda{value}/2vol-c5-s1")
+        assert run.config.finetune.init == "encoder+decoder"
+        assert run.needs == (f"pretrain-joint/GD+LD-lambda{value}",)
+    assert grid.baseline == "G^D + L^D"
+    assert len(plan.level("finetune")) == 5 * 10 * 2
+
+
+def test_table8_adds_mixup_to_the_same_pretraining_and_pairs(tmp_path):
+    grid = load_grid([GRIDS / "prostate.yaml", GRIDS / "table8_mixup.yaml"])
+    plan = expand(grid, tmp_path, _split(grid))
+    assert _pretraining(plan) == ["pretrain-global/GD", "pretrain-local/GD+LD"]
+    assert _folders(plan) == {
+        "random": "random",
+        "random + Mixup": "random+mixup0.1",
+        "G^D + L^D": "GD+LD",
+        "G^D + L^D + Mixup": "GD+LD+mixup0.1",
+    }
+    runs = plan.level("finetune")
+    for run in runs:
+        assert run.config.finetune.mixup_alpha == (0.1 if "Mixup" in run.init else 0.0)
+        assert run.keys["finetune.finetune.mixup_alpha"] == run.config.finetune.mixup_alpha
+    mixed = plan.run("finetune/GD+LD+mixup0.1/8vol-c3-s0").config
+    plain = plan.run("finetune/GD+LD/8vol-c3-s0").config
+    assert dataclasses.replace(mixed.finetune, mixup_alpha=0.0) == plain.finetune
+    pairs = [
+        {(r.labelled_volumes, r.combination, r.seed) for r in runs if r.init == init}
+        for init in _folders(plan)
+    ]
+    assert all(p == pairs[0] for p in pairs) and len(pairs[0]) == 13 * 2
+
+
+def test_baselines_load_what_each_pretext_task_trains(tmp_path):
+    grid = load_grid([GRIDS / "mmwhs.yaml", GRIDS / "baselines.yaml"])
+    plan = expand(grid, tmp_path, _split(grid))
+    assert _pretraining(plan) == [
+        "pretrain-global/GD",
+        "pretrain-pretext/rotation-b10",
+        "pretrain-pretext/inpainting",
+        "pretrain-pretext/context_restoration",
+        "pretrain-local/GD+LD",
+    ]
+    loads = {r.init: r.config.finetune.init for r in plan.level("finetune")}
+    assert loads == {
+        "random": "random",
+        "rotation": "encoder",
+        "inpainting": "encoder+decoder",
+        "context restoration": "encoder+decoder",
+        "G^D + L^D": "encoder+decoder",
+    }
+    # 40 images per iteration: 10 slices in 4 rotations, 40 slices to restore
+    batches = {
+        r.config.pretext.task: r.config.optim.batch_size for r in plan.level("pretrain-pretext")
+    }
+    assert batches == {"rotation": 10, "inpainting": 40, "context_restoration": 40}
+
+
+def test_local_views_on_the_phantom_layer_are_the_documented_runs(tmp_path):
+    files = [GRIDS / "phantom.yaml", GRIDS / "local_views.yaml"]
+    grid = load_grid(files, ["combinations=[c1,c2,c3]", "phantom.preset=easy"])
+    plan = expand(grid, tmp_path, _split(grid))
+    assert _pretraining(plan) == [
+        "pretrain-global/GD",
+        "pretrain-local/GD+LD-views-aligned",
+        "pretrain-local/GD+LD-views-transformed",
+    ]
+    assert [plan.run(n).iterations for n in _pretraining(plan)] == [1200, 300, 300]
+    assert [r.config.loss.views for r in plan.level("pretrain-local")] == [
+        "aligned",
+        "transformed",
+    ]
+    assert grid.baseline == "G^D" and len(plan.level("finetune")) == 3 * 6 * 2
+    assert {r.iterations for r in plan.level("finetune")} == {200}
+
+
+def test_the_cityscapes_grid_expands_on_a_cityscapes_layout(tmp_path, write_cityscapes):
+    root = write_cityscapes(tmp_path / "cityscapes", per_city=3)  # 9 images
+    grid = load_grid([GRIDS / "cityscapes.yaml"], [f"data.root={root}"])
+    split = get_reader(grid.data).split(grid.data.split_seed)
+    plan = expand(grid, tmp_path / "out", split)
+    assert _pretraining(plan) == ["pretrain-global/GR", "pretrain-local/GR+LR"]
+    assert _folders(plan) == {
+        "random": "random",
+        "G^R": "GR",
+        "G^R + L^R": "GR+LR",
+        "G^R + L^R + Mixup": "GR+LR+mixup0.1",
+    }
+    # 4 initialisations x (3 draws of 3 sizes + the benchmark) x 2 seeds
+    assert len(plan.level("finetune")) == 4 * 10 * 2
+    stage1 = plan.run("pretrain-global/GR").config
+    assert 2 * stage1.loss.volumes_per_batch == 80 and stage1.augment.crop_shape == "aspect"
+    assert plan.run("pretrain-local/GR+LR").config.optim.batch_size == 40
+    for run in plan.level("finetune"):
+        assert run.config.data.dataset == "cityscapes"
+        assert run.config.augment.geometry == "crop" and run.config.augment.hue == 0.05
+        assert run.config.finetune.mixup_alpha == (0.1 if "Mixup" in run.init else 0.0)
+    assert all(r.iterations == 10000 for r in plan.runs)
+    # the settings of the stage configs that docs/training.md gives for running it by hand
+    paper = REPO / "configs" / "paper"
+    for name, cls, stage, keys in (
+        ("pretrain_global_GR", PretrainGlobalRun, "pretrain-global", ("loss", "augment", "optim")),
+        ("pretrain_local_LR_d3", PretrainLocalRun, "pretrain-local", ("loss", "augment", "optim")),
+        ("finetune", FinetuneRun, "finetune", ("augment", "optim")),
+    ):
+        config = load_config(cls, paper / f"cityscapes_{name}.yaml", [f"data.root={root}"])
+        run = plan.level(stage)[0]
+        assert all(getattr(config, k) == getattr(run.config, k) for k in keys), name
+        assert config.data == run.config.data
+    finetune = plan.run("finetune/GR+LR/1vol-c1-s0").config.finetune
+    assert (finetune.loss, finetune.val_every) == (config.finetune.loss, config.finetune.val_every)
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])

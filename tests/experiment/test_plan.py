@@ -8,7 +8,7 @@ from contraseg.data.splits import generated_split
 from contraseg.errors import InputError
 from contraseg.experiment import expand, load_grid
 from contraseg.experiment.execute import parse_devices, parse_shard, shard_runs
-from contraseg.experiment.plan import variant_name
+from contraseg.experiment.plan import LEVELS, variant_name
 
 SPLIT = generated_split([f"patient{i:03d}" for i in range(1, 25)], 0)
 
@@ -129,3 +129,94 @@ def test_devices_give_one_worker_each():
     for bad in ("cuda:0", "0,,1", "gpu"):
         with pytest.raises(InputError, match="--devices"):
             parse_devices(bad)
+
+
+def test_joint_pretext_and_finetune_keys_name_their_runs(tiny_grid, tmp_path):
+    inits = [
+        {"name": "random"},
+        {"name": "random + self-training", "finetune": {"finetune": {"self_training_rounds": 2}}},
+        {"name": "joint", "pretrain_joint": {"lambda_local": 10}},
+        {"name": "joint, e", "pretrain_joint": {"lambda_local": 10.0}, "load": "encoder"},
+        {
+            "name": "joint + Mixup",
+            "pretrain_joint": {"lambda_local": 10},
+            "finetune": {"finetune": {"mixup_alpha": 0.2}},
+        },
+        {"name": "rotation", "pretrain_pretext": {}},
+        {
+            "name": "inpainting d_3",
+            "pretrain_pretext": {"pretext": {"task": "inpainting", "decoder_blocks": 3}},
+        },
+        {"name": "G^D + L^D", "pretrain_global": {}, "pretrain_local": {}},
+    ]
+    plan = _plan(tiny_grid, tmp_path, initialisations=inits)
+    # one joint run for the three initialisations that ask for it
+    assert [r.name for r in plan.runs if r.stage != "finetune"] == [
+        "pretrain-global/GD",
+        "pretrain-joint/GD+LR-lambda10",
+        "pretrain-pretext/rotation",
+        "pretrain-pretext/inpainting-d3",
+        "pretrain-local/GD+LD",
+    ]
+    first = {r.init: r for r in plan.level("finetune") if (r.labelled_volumes, r.seed) == (1, 0)}
+    assert {i: (r.name, r.config.finetune.init) for i, r in first.items()} == {
+        "random": ("finetune/random/1vol-c1-s0", "random"),
+        "random + self-training": ("finetune/random+self2/1vol-c1-s0", "random"),
+        "joint": ("finetune/joint-GD+LR-lambda10/1vol-c1-s0", "encoder+decoder"),
+        "joint, e": ("finetune/joint-GD+LR-lambda10-enc/1vol-c1-s0", "encoder"),
+        "joint + Mixup": ("finetune/joint-GD+LR-lambda10+mixup0.2/1vol-c1-s0", "encoder+decoder"),
+        "rotation": ("finetune/rotation/1vol-c1-s0", "encoder"),
+        "inpainting d_3": ("finetune/inpainting-d3/1vol-c1-s0", "encoder+decoder"),
+        "G^D + L^D": ("finetune/GD+LD/1vol-c1-s0", "encoder+decoder"),
+    }
+    joint = first["joint + Mixup"]
+    assert joint.needs == ("pretrain-joint/GD+LR-lambda10",)
+    assert joint.config.finetune.pretrained == str(tmp_path / "out/pretrain-joint/GD+LR-lambda10")
+    assert (joint.config.finetune.mixup_alpha, first["joint"].config.finetune.mixup_alpha) == (
+        0.2,
+        0.0,
+    )
+    # the grid's fine-tuning settings stay under the initialisation's own keys
+    assert joint.config.optim.iterations == 4 and joint.config.finetune.val_every == 2
+    # a self-training run trains once per round
+    assert first["random + self-training"].iterations == 3 * first["random"].iterations
+    assert first["inpainting d_3"].keys == {
+        "pretrained": "pretrain-pretext/inpainting-d3",
+        "finetune.finetune.init": "encoder+decoder",
+        "finetune.finetune.mixup_alpha": 0.0,
+        "finetune.finetune.self_training_rounds": 0,
+        "pretrain_joint.lambda_local": None,
+        "pretrain_pretext.pretext.decoder_blocks": 3,
+        "pretrain_pretext.pretext.task": "inpainting",
+    }
+    assert first["rotation"].keys["pretrain_pretext.pretext.task"] == "rotation"
+    assert first["random + self-training"].keys["finetune.finetune.self_training_rounds"] == 2
+    # the levels run in order: stage 1, joint and pretext, stage 2, fine-tuning
+    assert LEVELS == (
+        "pretrain-global",
+        "pretrain-joint",
+        "pretrain-pretext",
+        "pretrain-local",
+        "finetune",
+    )
+    assert [r.name for r in shard_runs(plan, (1, 2), "pretrain-pretext")] == [
+        "pretrain-pretext/inpainting-d3"
+    ]
+
+
+def test_a_joint_run_whose_keys_break_its_rules_names_the_initialisation(tiny_grid, tmp_path):
+    inits = [
+        {"name": "random"},
+        {"name": "j", "pretrain_joint": {"local_loss": {"views": "transformed"}}},
+    ]
+    with pytest.raises(InputError, match=r"initialisations\[1\], j.*local_loss.views"):
+        _plan(tiny_grid, tmp_path, initialisations=inits)
+
+
+def test_the_command_line_offers_every_level():
+    from contraseg.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    level = next(a for a in sub.choices["experiment"]._actions if a.dest == "level")
+    assert tuple(level.choices) == LEVELS

@@ -339,3 +339,57 @@ def test_a_shard_does_not_start_what_needs_another_shards_failed_run(tiny_grid, 
     assert result.outcome.blocked == {f"finetune/GD/1vol-{c}-s0": why for c in ("c1", "c2")}
     assert result.outcome.done == [] and not (out / "pretrain-global").exists()
     assert f"not started: finetune/GD/1vol-c2-s0: {why}" in capsys.readouterr().out
+
+
+def test_joint_pretext_mixup_and_self_training_initialisations_run_and_pair(tiny_grid, tmp_path):
+    """One initialisation of each new kind beside random: each fine-tuning run has its row,
+    each initialisation its paired comparison with random; a second call skips them all."""
+    inits = [
+        {"name": "random"},
+        {"name": "joint", "pretrain_joint": {"lambda_local": 10}},
+        {
+            "name": "rotation",
+            "pretrain_pretext": {"pretext": {"task": "rotation"}},
+            "load": "encoder",
+        },
+        {"name": "random + Mixup", "finetune": {"finetune": {"mixup_alpha": 0.2}}},
+        {"name": "random + self-training", "finetune": {"finetune": {"self_training_rounds": 1}}},
+    ]
+    path = tiny_grid(
+        initialisations=inits,
+        labelled_volumes=[1],
+        combinations=["c1", "c2"],
+        pretrain_joint={
+            "global_loss": {"volumes_per_batch": 2},
+            "local_loss": {"strategy": "LD", "volumes_per_batch": 2},
+            "optim": {"iterations": 3},
+        },
+        pretrain_pretext={"optim": {"iterations": 3, "batch_size": 4}},
+    )
+    out = tmp_path / "out"
+    result = run_experiment([path], out, device="cpu")
+    assert result.outcome is not None and result.outcome.ok
+    rows = _csv_rows(out / "results.csv")
+    assert [(r["init"], r["combination"]) for r in rows] == [
+        (i["name"], c) for c in ("c1", "c2") for i in inits
+    ]
+    by_init = {r["init"]: r for r in rows}
+    assert by_init["joint"]["pretrained"] == "pretrain-joint/GD+LD-lambda10"
+    assert by_init["joint"]["finetune.finetune.init"] == "encoder+decoder"
+    assert by_init["rotation"]["pretrain_pretext.pretext.task"] == "rotation"
+    assert by_init["rotation"]["finetune.finetune.init"] == "encoder"
+    assert by_init["random + Mixup"]["finetune.finetune.mixup_alpha"] == "0.2"
+    assert by_init["random + self-training"]["run"] == "finetune/random+self1/1vol-c2-s0"
+    table = (out / "table.md").read_text()
+    for init in ("joint", "rotation", "random + Mixup", "random + self-training"):
+        assert re.search(rf"^\| {re.escape(init)} - random \| 1 \| 2 \| [+-]\d", table, re.M)
+    # self-training: its rounds, and the last one's bundle in the run folder
+    run_dir = out / "finetune/random+self1/1vol-c1-s0"
+    assert (run_dir / "round-0/weights.safetensors").is_file()
+    assert json.loads((run_dir / "model.json").read_text()) == json.loads(
+        (run_dir / "round-1/model.json").read_text()
+    )
+    assert (out / "report.html").is_file()
+    again = run_experiment([path], out, device="cpu")
+    assert again.outcome is not None and again.outcome.done == []
+    assert len(again.outcome.finished) == len(result.plan.runs)

@@ -26,6 +26,8 @@ from contraseg import fileio
 from contraseg.errors import InputError, TrainingError
 from contraseg.evaluation.evaluate import evaluate_run
 from contraseg.experiment.plan import LEVELS, TIME_FILE, Plan, Run, run_state
+from contraseg.training.joint import run_pretrain_joint
+from contraseg.training.pretext import run_pretrain_pretext
 from contraseg.training.stages import run_finetune, run_pretrain_global, run_pretrain_local
 from contraseg.training.trainer import MARKER
 
@@ -42,8 +44,10 @@ __all__ = [
 
 RUNNERS = {
     "pretrain-global": run_pretrain_global,
+    "pretrain-joint": run_pretrain_joint,
+    "pretrain-pretext": run_pretrain_pretext,
     "pretrain-local": run_pretrain_local,
-    "finetune": run_finetune,
+    "finetune": run_finetune,  # one fine-tune, or self-training's rounds
 }
 STATE_DIR = ".experiment"
 FAILED_DIR = f"{STATE_DIR}/failed"

@@ -1,9 +1,11 @@
 """Experiment grids: every run a table needs, named by one typed YAML file (docs/experiments.md).
 
 A grid names the dataset (``data``, ``model``), the settings shared by every run of each stage
-(``pretrain_global``, ``pretrain_local``, ``finetune``: the keys of the stage commands), the
-initialisations (each a stage-1 variant, optionally with a stage-2 variant on top of it), the
-numbers of labelled volumes, the labelled sets and the seeds. It is loaded like a run config:
+(``pretrain_global``, ``pretrain_local``, ``pretrain_joint``, ``pretrain_pretext``,
+``finetune``: the keys of the stage commands), the initialisations (each random, or a
+pre-training variant: stage 1 with an optional stage 2 on top of it, a joint run or a pretext
+run; each optionally with fine-tuning keys of its own), the numbers of labelled volumes, the
+labelled sets and the seeds. It is loaded like a run config:
 defaults, then one or more YAML files merged in order, then ``key=value`` overrides; an unknown
 key is an :class:`InputError` that names the file and suggests the closest key, and every value
 is checked against its rule before anything runs.
@@ -28,8 +30,11 @@ from contraseg.config import (
     DataConfig,
     FinetuneRun,
     ModelConfig,
+    PretextConfig,
     PretrainGlobalRun,
+    PretrainJointRun,
     PretrainLocalRun,
+    PretrainPretextRun,
     absolute_paths,
     deep_merge,
     from_dict,
@@ -43,6 +48,7 @@ from contraseg.data.phantom import Preset
 from contraseg.errors import InputError
 
 __all__ = [
+    "PRETRAINING",
     "STAGES",
     "Grid",
     "InitSpec",
@@ -55,12 +61,19 @@ __all__ = [
 # grid section -> (command, run config class)
 STAGES: dict[str, tuple[str, type]] = {
     "pretrain_global": ("pretrain-global", PretrainGlobalRun),
+    "pretrain_joint": ("pretrain-joint", PretrainJointRun),
+    "pretrain_pretext": ("pretrain-pretext", PretrainPretextRun),
     "pretrain_local": ("pretrain-local", PretrainLocalRun),
     "finetune": ("finetune", FinetuneRun),
 }
+PRETRAINING = tuple(section for section in STAGES if section != "finetune")
+# what fine-tuning loads by default from the product of each first pre-training stage
+STARTS = ("pretrain_global", "pretrain_joint", "pretrain_pretext")
 # keys a stage section (or an initialisation) may not set: the grid sets them for every run
 SET_BY_GRID: dict[str, dict[str, str]] = {
     "pretrain_global": {},
+    "pretrain_joint": {},
+    "pretrain_pretext": {},
     "pretrain_local": {"encoder": "the stage-1 run of the initialisation"},
     "finetune": {
         "seed": "seeds",
@@ -94,15 +107,37 @@ class PhantomSpec:
 
 @dataclass
 class InitSpec:
-    """One initialisation of fine-tuning: random, a stage-1 run, or a stage-2 run on one."""
+    """One initialisation of fine-tuning: random, a stage-1 run (with a stage-2 run on it), a
+    joint run or a pretext run; optionally with fine-tuning keys of its own."""
 
     name: str = option("", help="its name in tables and figures, e.g. 'G^D + L^D'")
     pretrain_global: dict | None = option(
-        None, help="pretrain-global keys of its stage-1 run ({}: the section's); null: random"
+        None, help="pretrain-global keys of its stage-1 run ({}: the section's); null: none"
     )
     pretrain_local: dict | None = option(
         None, help="pretrain-local keys of its stage-2 run on that encoder; null: none"
     )
+    pretrain_joint: dict | None = option(
+        None, help="pretrain-joint keys of its joint run (instead of pretrain_global); null: none"
+    )
+    pretrain_pretext: dict | None = option(
+        None,
+        help="pretrain-pretext keys of its pretext run (instead of pretrain_global); null: none",
+    )
+    load: Literal["encoder", "encoder+decoder"] | None = option(
+        None,
+        help="what fine-tuning loads from the pre-training; null: all it trained (encoder for "
+        "pretrain_global and rotation, encoder+decoder for the others)",
+    )
+    finetune: dict = option(
+        help="finetune keys of its fine-tuning runs, merged over the finetune section "
+        "(e.g. {finetune: {mixup_alpha: 0.1}})",
+        factory=dict,
+    )
+
+    def start(self) -> str:
+        """The section of its first pre-training stage; '' for random initialisation."""
+        return next((s for s in STARTS if getattr(self, s) is not None), "")
 
 
 @dataclass
@@ -122,6 +157,14 @@ class Grid:
     )
     pretrain_local: dict = option(
         help="keys of every pretrain-local run (contraseg config show pretrain-local)",
+        factory=dict,
+    )
+    pretrain_joint: dict = option(
+        help="keys of every pretrain-joint run (contraseg config show pretrain-joint)",
+        factory=dict,
+    )
+    pretrain_pretext: dict = option(
+        help="keys of every pretrain-pretext run (contraseg config show pretrain-pretext)",
         factory=dict,
     )
     finetune: dict = option(
@@ -158,10 +201,20 @@ class Grid:
                 raise InputError(f"initialisations[{i}].name", "must name the initialisation")
             if names.index(init.name) != i:
                 raise InputError(f"initialisations[{i}].name", f"'{init.name}' is named twice")
+            starts = [s for s in STARTS if getattr(init, s) is not None]
+            if len(starts) > 1:
+                raise InputError(
+                    f"initialisations[{i}]",
+                    f"give one of {', '.join(STARTS)}, not {' and '.join(starts)}",
+                )
             if init.pretrain_local is not None and init.pretrain_global is None:
                 raise InputError(
                     f"initialisations[{i}].pretrain_local",
                     "needs pretrain_global: the encoder that stage 2 builds on",
+                )
+            if init.load is not None and not starts:
+                raise InputError(
+                    f"initialisations[{i}].load", "random initialisation loads nothing"
                 )
         if self.baseline and self.baseline not in names:
             raise InputError(
@@ -235,11 +288,33 @@ def load_grid(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Gri
     for section in STAGES:
         _check_layer(section, getattr(grid, section), section, source)
     for i, init in enumerate(grid.initialisations):
-        for section in ("pretrain_global", "pretrain_local"):
+        for section in STAGES:
             layer = getattr(init, section)
             if layer is not None:
                 _check_layer(section, layer, f"initialisations[{i}].{section}", source)
+        if init.load == "encoder+decoder" and not has_decoder(grid, init):
+            raise InputError(
+                source,
+                f"'initialisations[{i}].load': encoder+decoder needs a pre-training that trains "
+                "decoder blocks (pretrain_local, pretrain_joint, or pretrain_pretext with task "
+                "inpainting or context_restoration)",
+            )
     return absolute_paths(grid)
+
+
+def has_decoder(grid: Grid, init: InitSpec) -> bool:
+    """Whether the product of the initialisation's pre-training holds decoder blocks."""
+    if init.pretrain_pretext is not None:
+        merged = deep_merge(grid.pretrain_pretext, init.pretrain_pretext)
+        return merged.get("pretext", {}).get("task", PretextConfig().task) != "rotation"
+    return init.pretrain_local is not None or init.pretrain_joint is not None
+
+
+def finetune_init(grid: Grid, init: InitSpec) -> str:
+    """``finetune.init`` of the initialisation's fine-tuning runs."""
+    if not init.start():
+        return "random"
+    return init.load or ("encoder+decoder" if has_decoder(grid, init) else "encoder")
 
 
 def grid_text(grid: Grid) -> str:

@@ -6,7 +6,11 @@ different, so that they are readable and stay the same when a grid grows (docs/e
 
     pretrain-global/GD-m31           stage 1: the strategy, then the variant's own keys
     pretrain-local/GD+LD-d1-K1       stage 2: its encoder's name + its strategy and keys
+    pretrain-joint/GD+LD-lambda10    joint: both strategies, then the variant's own keys
+    pretrain-pretext/inpainting-d3   pretext: the task, then the variant's own keys
     finetune/GD+LD/1vol-c1-s0        stage 3: the initialisation's pre-training, set, seed
+    finetune/joint-GD+LD-lambda10-enc+mixup0.1/2vol-c3-s1
+                                     a joint run's encoder only, with fine-tuning keys
     finetune/random/all-s0           the benchmark set (labelled_volumes: all)
 """
 
@@ -22,7 +26,16 @@ from typing import Any
 from contraseg.config import load_config
 from contraseg.data.splits import Split
 from contraseg.errors import InputError
-from contraseg.experiment.grid import STAGES, Grid, _flat, stage_config
+from contraseg.experiment.grid import (
+    PRETRAINING,
+    STAGES,
+    Grid,
+    InitSpec,
+    _flat,
+    finetune_init,
+    has_decoder,
+    stage_config,
+)
 from contraseg.report.stats import ALL, labelled_order
 
 __all__ = [
@@ -33,7 +46,8 @@ __all__ = [
     "run_state",
 ]
 
-LEVELS = ("pretrain-global", "pretrain-local", "finetune")
+# run folders and levels, in the order they run: a level needs only the levels before it
+LEVELS = tuple(STAGES[section][0] for section in STAGES)
 BENCHMARK = "benchmark"  # the combination column of a run on the benchmark set
 
 # short names of the keys that usually tell pre-training variants apart
@@ -48,7 +62,24 @@ ABBREVIATIONS = {
     "optim.iterations": "it",
     "optim.lr": "lr",
     "seed": "seed",
+    # pretrain-joint
+    "lambda_local": "lambda",
+    "global_loss.volumes_per_batch": "m",
+    "global_loss.partitions": "S",
+    "global_loss.temperature": "tau",
+    "local_loss.decoder_blocks": "d",
+    "local_loss.region_size": "K",
+    "local_loss.negatives": "neg",
+    # pretrain-pretext
+    "pretext.decoder_blocks": "d",
+    # fine-tuning keys of an initialisation
+    "finetune.mixup_alpha": "mixup",
+    "finetune.self_training_rounds": "self",
+    "finetune.pseudo_threshold": "thr",
+    "finetune.pseudo_fraction": "pseudo",
 }
+# keys that a pre-training run's name starts with rather than lists
+NAMED_BY = ("loss.strategy", "global_loss.strategy", "local_loss.strategy", "pretext.task")
 TIME_FILE = "wall_time.json"  # seconds this run took, kept across resumptions
 
 
@@ -73,7 +104,9 @@ class Run:
 
     @property
     def iterations(self) -> int:
-        return int(self.config.optim.iterations)
+        """Training iterations; a self-training run trains once per round."""
+        rounds = self.config.finetune.self_training_rounds if self.stage == "finetune" else 0
+        return int(self.config.optim.iterations) * (1 + rounds)
 
 
 @dataclass(frozen=True)
@@ -120,11 +153,12 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def variant_name(strategy: str, layer: dict[str, Any]) -> str:
-    """``GD`` + ``-m31`` for each key of the variant besides the strategy, in key order."""
-    parts = [strategy]
+def _key_parts(layer: dict[str, Any]) -> list[str]:
+    """``m31`` for each key of a variant (``name-value`` without a short name), in key order,
+    leaving out the keys in the run's label (:data:`NAMED_BY`)."""
+    parts = []
     for key, value in sorted(_flat(layer).items()):
-        if key == "loss.strategy":
+        if key in NAMED_BY:
             continue
         short = ABBREVIATIONS.get(key)
         parts.append(
@@ -132,7 +166,17 @@ def variant_name(strategy: str, layer: dict[str, Any]) -> str:
             if short
             else f"{key.split('.')[-1]}-{_value_text(value)}"
         )
-    return re.sub(r"[^A-Za-z0-9.+_-]", "_", "-".join(parts))
+    return parts
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", name)
+
+
+def variant_name(label: str, layer: dict[str, Any]) -> str:
+    """``GD`` + ``-m31`` for each key of the variant besides those the label names, in key
+    order."""
+    return _safe("-".join([label, *_key_parts(layer)]))
 
 
 def _combinations(grid: Grid, split: Split, count: int | str) -> list[str]:
@@ -184,137 +228,165 @@ class _Namer:
         return full, True
 
 
+@dataclass(frozen=True)
+class _Init:
+    """How an initialisation's fine-tuning runs start: the pre-training run whose product
+    they load (with the configs of its stages, by grid section), what they load, and their
+    folder under ``finetune/``."""
+
+    pretrained: str
+    load: str  # finetune.init
+    folder: str
+    stages: dict[str, Any]
+
+
+def _label(section: str, config: Any, layer: dict[str, Any]) -> str:
+    """The name of a pre-training run from its resolved config and its variant's keys."""
+    if section == "pretrain_joint":
+        label = f"{config.global_loss.strategy}+{config.local_loss.strategy}"
+    elif section == "pretrain_pretext":
+        label = config.pretext.task
+    else:
+        label = config.loss.strategy
+    return variant_name(label, layer)
+
+
+class _Pretraining:
+    """The pre-training runs of a plan: one per resolved config, named by :func:`_label`."""
+
+    def __init__(self, grid: Grid, out: Path) -> None:
+        self.grid, self.out = grid, out
+        self.namers = {section: _Namer(STAGES[section][0]) for section in PRETRAINING}
+        self.runs: list[Run] = []
+
+    def add(self, section: str, layer: dict[str, Any], where: str, on: str = "") -> tuple[str, Any]:
+        """The run of ``section`` with the initialisation's ``layer`` (stage 2: on the stage-1
+        run ``on``); returns its name and config."""
+        extra = {"encoder": str(self.out / on)} if on else {}
+        config = stage_config(self.grid, section, layer, extra, source=where)
+        label = _label(section, config, layer)
+        if on:
+            label = f"{on.split('/', 1)[1]}+{label}"
+        name, new = self.namers[section].add(label, config)
+        if new:
+            self.runs.append(Run(name, STAGES[section][0], config, needs=(on,) if on else ()))
+        return name, config
+
+    def initialisation(self, index: int, init: InitSpec, source: str) -> _Init:
+        where = f"{source} (initialisations[{index}], {init.name})"
+        load = finetune_init(self.grid, init)
+        start = init.start()
+        if not start:
+            pretrained, stages = "", {}
+        else:
+            pretrained, config = self.add(start, getattr(init, start), where)
+            stages = {start: config}
+            if init.pretrain_local is not None:
+                pretrained, config = self.add(
+                    "pretrain_local", init.pretrain_local, where, on=pretrained
+                )
+                stages["pretrain_local"] = config
+        folder = pretrained.split("/", 1)[1] if pretrained else "random"
+        if start == "pretrain_joint":
+            folder = f"joint-{folder}"  # not to be read as the stage-wise GD+LD
+        if load == "encoder" and has_decoder(self.grid, init):
+            folder += "-enc"  # only the encoder of a product that has decoder blocks
+        if init.finetune:
+            folder += "+" + "-".join(_key_parts(init.finetune))
+        return _Init(pretrained, load, _safe(folder), stages)
+
+
 def expand(grid: Grid, out: Path, split: Split, source: str = "grid") -> Plan:
     """Every run of ``grid`` with its config and dependencies, output under ``out``."""
-    global_names, local_names = _Namer("pretrain-global"), _Namer("pretrain-local")
-    pretraining: list[Run] = []
-    init_runs: dict[str, tuple[str, str]] = {}  # init name -> (pretrained run, finetune init)
-    for i, init in enumerate(grid.initialisations):
-        if init.pretrain_global is None:
-            init_runs[init.name] = ("", "random")
-            continue
-        where = f"{source} (initialisations[{i}], {init.name})"
-        config = stage_config(grid, "pretrain_global", init.pretrain_global, source=where)
-        global_run, new = global_names.add(
-            variant_name(config.loss.strategy, init.pretrain_global), config
-        )
-        if new:
-            pretraining.append(Run(global_run, "pretrain-global", config))
-        init_runs[init.name] = (global_run, "encoder")
-        if init.pretrain_local is None:
-            continue
-        config = stage_config(
-            grid,
-            "pretrain_local",
-            init.pretrain_local,
-            {"encoder": str(out / global_run)},
-            source=where,
-        )
-        name = variant_name(config.loss.strategy, init.pretrain_local)
-        local_run, new = local_names.add(f"{global_run.split('/', 1)[1]}+{name}", config)
-        if new:
-            pretraining.append(Run(local_run, "pretrain-local", config, needs=(global_run,)))
-        init_runs[init.name] = (local_run, "encoder+decoder")
+    pretraining = _Pretraining(grid, out)
+    inits: dict[str, _Init] = {}
     used: dict[str, str] = {}
-    for init, (pretrained, _) in init_runs.items():
-        folder = pretrained.split("/", 1)[1] if pretrained else "random"
-        if folder in used:
+    for i, spec in enumerate(grid.initialisations):
+        init = pretraining.initialisation(i, spec, source)
+        if init.folder in used:
             raise InputError(
                 "initialisations",
-                f"'{used[folder]}' and '{init}' fine-tune from the same pre-training",
+                f"'{used[init.folder]}' and '{spec.name}' fine-tune from the same pre-training "
+                "with the same settings (load and finetune keys)",
             )
-        used[folder] = init
-    keys = _grid_keys(grid, pretraining, init_runs)
+        used[init.folder] = spec.name
+        inits[spec.name] = init
+    varied = _varied_keys(grid)
     finetuning = []
     counts = sorted(grid.labelled_volumes, key=labelled_order)
     for seed in grid.seeds:
         for count in counts:
             for combination in _combinations(grid, split, count):
-                for init, (pretrained, how) in init_runs.items():
-                    finetuning.append(
-                        _finetune_run(
-                            grid, out, init, pretrained, how, count, combination, seed, source
-                        )
+                for spec in grid.initialisations:
+                    run = _finetune_run(
+                        grid, out, spec, inits[spec.name], count, combination, seed, source
                     )
-    finetuning = [dataclasses.replace(run, keys=keys[run.init]) for run in finetuning]
-    order = sorted(pretraining, key=lambda run: run.level)  # stable: grid order within a level
+                    keys = _grid_keys(varied, inits[spec.name], run.config)
+                    finetuning.append(dataclasses.replace(run, keys=keys))
+    order = sorted(pretraining.runs, key=lambda run: run.level)  # stable: grid order in a level
     return Plan(grid, out, split, tuple(order + finetuning))
 
 
 def _finetune_run(
     grid: Grid,
     out: Path,
-    init: str,
-    pretrained: str,
-    how: str,
+    spec: InitSpec,
+    init: _Init,
     count: int | str,
     combination: str,
     seed: int,
     source: str,
 ) -> Run:
-    folder = pretrained.split("/", 1)[1] if pretrained else "random"
     where = f"{count}vol-{combination}" if count != ALL else "all"
     layer = {
         "finetune": {
             "labelled_volumes": count,
-            "init": how,
-            "pretrained": str(out / pretrained) if pretrained else "",
+            "init": init.load,
+            "pretrained": str(out / init.pretrained) if init.pretrained else "",
             **({"combination": combination} if count != ALL else {}),
         },
         "seed": seed,
     }
-    config = stage_config(grid, "finetune", layer, source=f"{source} ({init})")
+    config = stage_config(grid, "finetune", spec.finetune, layer, source=f"{source} ({spec.name})")
     return Run(
-        f"finetune/{folder}/{where}-s{seed}",
+        f"finetune/{init.folder}/{where}-s{seed}",
         "finetune",
         config,
-        needs=(pretrained,) if pretrained else (),
-        init=init,
+        needs=(init.pretrained,) if init.pretrained else (),
+        init=spec.name,
         labelled_volumes=count,
         combination=combination,
         seed=seed,
     )
 
 
-def _grid_keys(
-    grid: Grid, pretraining: list[Run], init_runs: dict[str, tuple[str, str]]
-) -> dict[str, dict[str, Any]]:
-    """Per initialisation: its pre-training run, and the value of every key that any
-    initialisation's variant sets (``pretrain_global.loss.strategy``, ...), None where the
-    initialisation has no such stage."""
-    varied = sorted(
-        {
-            f"{section}.{key}"
-            for init in grid.initialisations
-            for section in ("pretrain_global", "pretrain_local")
-            for key in _flat(getattr(init, section) or {})
-        }
-    )
-    configs = {run.name: run.config for run in pretraining}
-    keys = {}
-    for init, (pretrained, _) in init_runs.items():
-        stages = {"pretrain_global": None, "pretrain_local": None}
-        if pretrained:
-            config = configs[pretrained]
-            if pretrained.startswith("pretrain-local/"):
-                stages["pretrain_local"] = config
-                stages["pretrain_global"] = configs[_encoder_run(config)]
-            else:
-                stages["pretrain_global"] = config
-        row: dict[str, Any] = {"pretrained": pretrained}
-        for key in varied:
-            section, dotted = key.split(".", 1)
-            value = stages[section]
-            for part in dotted.split("."):
-                value = None if value is None else getattr(value, part)
-            row[key] = value
-        keys[init] = row
-    return keys
+def _varied_keys(grid: Grid) -> list[str]:
+    """Every key that any initialisation sets (``pretrain_global.loss.strategy``,
+    ``finetune.finetune.mixup_alpha``, ...), and ``finetune.finetune.init`` when any chooses
+    what it loads."""
+    varied = {
+        f"{section}.{key}"
+        for init in grid.initialisations
+        for section in STAGES
+        for key in _flat(getattr(init, section) or {})
+    }
+    if any(init.load for init in grid.initialisations):
+        varied.add("finetune.finetune.init")
+    return sorted(varied)
 
 
-def _encoder_run(config: Any) -> str:
-    encoder = Path(config.encoder)
-    return f"{encoder.parent.name}/{encoder.name}"
+def _grid_keys(varied: list[str], init: _Init, finetune: Any) -> dict[str, Any]:
+    """A fine-tuning run's pre-training run and the value of each varied key in its configs,
+    None where the initialisation has no such stage."""
+    stages = {**init.stages, "finetune": finetune}
+    row: dict[str, Any] = {"pretrained": init.pretrained}
+    for key in varied:
+        section, dotted = key.split(".", 1)
+        value = stages.get(section)
+        for part in dotted.split("."):
+            value = None if value is None else getattr(value, part)
+        row[key] = value
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +425,12 @@ def run_state(run: Run, out: Path) -> str:
 
 
 def last_iteration(run_dir: Path) -> int:
-    """The last logged iteration of a started run (0 when none): an estimate of where it
-    resumes, which is at its last checkpoint, at most this."""
+    """The last logged iteration of a started run (0 when none), summed over the rounds of a
+    self-training run: an estimate of where it resumes, which is at its last checkpoint, at
+    most this."""
+    rounds = sorted(run_dir.glob("round-*"))
+    if rounds:
+        return sum(last_iteration(folder) for folder in rounds)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from contraseg.data.cache import PreparedDataset
-from contraseg.experiment.plan import Plan, Run, last_iteration, run_state
+from contraseg.experiment.plan import LEVELS, Plan, Run, last_iteration, run_state
 from contraseg.inference import resolve_device
 from contraseg.models.unet import partial_state_dict
 from contraseg.training.checkpoint import save_weights
+from contraseg.training.joint import JointPretrainer
+from contraseg.training.pretext import PretextPretrainer
 from contraseg.training.stages import Finetuner, GlobalPretrainer, LocalPretrainer, build_unet
 from contraseg.training.trainer import Trainer
 
@@ -33,8 +35,10 @@ WARMUP = 2
 TIMED = 3
 TRAINERS: dict[str, type[Trainer]] = {
     "pretrain-global": GlobalPretrainer,
+    "pretrain-joint": JointPretrainer,
+    "pretrain-pretext": PretextPretrainer,
     "pretrain-local": LocalPretrainer,
-    "finetune": Finetuner,
+    "finetune": Finetuner,  # a self-training round costs as much per iteration
 }
 
 
@@ -142,7 +146,7 @@ def describe_plan(
     needs, then the time estimate."""
     chosen = {run.name for run in mine}
     width = max(len(run.name) for run in plan.runs) + 2
-    for stage in ("pretrain-global", "pretrain-local", "finetune"):
+    for stage in LEVELS:
         runs = plan.level(stage)
         if not runs:
             continue

@@ -20,6 +20,7 @@ from contraseg import __version__, fileio
 from contraseg.data.cache import PreparedCase, PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.sampling import partition_bounds
+from contraseg.experiment.grid import STAGES, finetune_init
 from contraseg.experiment.plan import Plan, Run, run_state
 from contraseg.experiment.results import Row, class_names, comparison_table, table_markdown
 from contraseg.inference import Segmenter, resolve_device, slice_probabilities
@@ -91,6 +92,13 @@ def _first_runs(plan: Plan, rows: Sequence[Row]) -> dict[int | str, tuple[str, d
     return panels
 
 
+def _curve_dir(run_dir: Path) -> Path:
+    """Where a fine-tuning run's validation curve is logged: its folder, or the last round's
+    of a self-training run (docs/extensions.md)."""
+    rounds = sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
+    return rounds[-1] if rounds else run_dir
+
+
 def _overlay_figure(runs: dict[str, Path], case: PreparedCase, path: Path, device: str) -> None:
     slices = np.linspace(1, case.num_slices - 2, 3).round().astype(int)
     truth = case.label if case.label is not None else np.zeros((case.num_slices, 1, 1), int)
@@ -113,11 +121,15 @@ def _settings(plan: Plan) -> list[str]:
         f"{grid.combinations if grid.combinations == 'all' else ', '.join(grid.combinations)}"
         f"; seeds: {', '.join(map(str, grid.seeds))}",
     ]
-    for section in ("pretrain_global", "pretrain_local", "finetune"):
-        items.append(f"{section}: {getattr(grid, section) or 'defaults'}")
+    used = {s for init in grid.initialisations for s in STAGES if getattr(init, s) is not None}
+    for section in STAGES:
+        if section in used or section == "finetune" or getattr(grid, section):
+            items.append(f"{section}: {getattr(grid, section) or 'defaults'}")
     for init in grid.initialisations:
-        parts = [f"{s}: {getattr(init, s)}" for s in ("pretrain_global", "pretrain_local")]
-        parts = [p for p in parts if not p.endswith("None")]
+        parts = [f"{s}: {getattr(init, s)}" for s in STAGES if getattr(init, s) is not None]
+        parts = [p for p in parts if p != "finetune: {}"]
+        if init.start():
+            parts.append(f"fine-tuning loads: {finetune_init(grid, init)}")
         items.append(f"initialisation {init.name}: {'; '.join(parts) or 'random weights'}")
     return items
 
@@ -147,7 +159,10 @@ def write_report(plan: Plan, rows: Sequence[Row], device: str = "auto") -> Path:
         )
     )
     first = _first_runs(plan, rows)
-    panels = {f"{stats.labelled_phrase(n)}, {title}": runs for n, (title, runs) in first.items()}
+    panels = {
+        f"{stats.labelled_phrase(n)}, {title}": {i: _curve_dir(d) for i, d in runs.items()}
+        for n, (title, runs) in first.items()
+    }
     figures.validation_curves(panels, folder / "validation_dice.png", columns=min(4, len(panels)))
     drawn.append(
         (
