@@ -11,14 +11,19 @@ from contraseg.losses.distributed import (
 )
 from contraseg.losses.global_contrastive import (
     GLOBAL_STRATEGIES,
+    GlobalPairs,
     global_chance_level,
     global_contrastive_loss,
+    global_loss_from_pairs,
     global_pair_masks,
+    global_pairs,
 )
 from contraseg.losses.local_contrastive import (
     LOCAL_STRATEGIES,
+    check_neg_index,
     local_chance_level,
     local_contrastive_loss,
+    local_loss_from_pairs,
     local_pairs,
 )
 from contraseg.losses.segmentation import (
@@ -33,14 +38,19 @@ __all__ = [
     "GLOBAL_STRATEGIES",
     "LOCAL_STRATEGIES",
     "SEGMENTATION_LOSSES",
+    "GlobalPairs",
     "all_gather_with_grad",
+    "check_neg_index",
     "gather_contrastive_batch",
     "gather_ids",
     "global_chance_level",
     "global_contrastive_loss",
+    "global_loss_from_pairs",
     "global_pair_masks",
+    "global_pairs",
     "local_chance_level",
     "local_contrastive_loss",
+    "local_loss_from_pairs",
     "local_pairs",
     "official_class_weights",
     "segmentation_loss",

@@ -95,7 +95,8 @@ def local_pairs(
     return first, second
 
 
-def _check_neg_index(neg_index: Tensor, n_regions: int) -> Tensor:
+def check_neg_index(neg_index: Tensor, n_regions: int) -> Tensor:
+    """``neg_index`` as int64 after checking it is an (A, n_neg) table of other regions."""
     if neg_index.ndim != 2 or neg_index.dtype.is_floating_point or neg_index.shape[1] < 1:
         raise ValueError(
             f"neg_index must be an integer (A, n_neg) tensor, got {tuple(neg_index.shape)}"
@@ -129,11 +130,33 @@ def local_contrastive_loss(
     batch, n_regions = embeddings.shape[0], embeddings.shape[1]
     if len(image_ids) != batch:
         raise ValueError(f"image_ids has {len(image_ids)} entries for {batch} feature maps")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
     if neg_index is None and n_regions < 2:
         raise ValueError(f"negatives='all' needs at least 2 regions per map, got {n_regions}")
     first, second = local_pairs(image_ids, volume_ids, partition_ids, strategy, embeddings.device)
+    if neg_index is not None:
+        neg_index = check_neg_index(neg_index.to(embeddings.device), n_regions)
+    return local_loss_from_pairs(embeddings, first, second, neg_index, temperature)
+
+
+def local_loss_from_pairs(
+    embeddings: Tensor,
+    first: Tensor,
+    second: Tensor,
+    neg_index: Tensor | None = None,
+    temperature: float = 0.1,
+) -> Tensor:
+    """:func:`local_contrastive_loss` given the image pairs of :func:`local_pairs` and a
+    ``neg_index`` already passed through :func:`check_neg_index`, on the embeddings' device.
+
+    Finding the pairs and checking the table wait for the device; a training loop whose
+    batches share one layout does both once and calls this, which waits for nothing and has
+    shapes fixed by the batch (what ``torch.compile`` and CUDA graphs need).
+    """
+    if embeddings.ndim != 3:
+        raise ValueError(f"embeddings must be (B, R, D), got shape {tuple(embeddings.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n_regions = embeddings.shape[1]
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         unit = F.normalize(embeddings.to(dtype), dim=2)
@@ -151,11 +174,14 @@ def local_contrastive_loss(
             positive = cross.diagonal(dim1=1, dim2=2)
             logits = torch.cat([own.masked_fill(eye, -math.inf), cross], dim=2)
         else:
-            neg = _check_neg_index(neg_index.to(unit.device), n_regions)
-            rows = torch.arange(neg.shape[0], device=unit.device)
+            rows = torch.arange(neg_index.shape[0], device=unit.device)
             positive = cross[:, rows, rows]  # (P, A)
             logits = torch.cat(
-                [positive[..., None], own[:, rows[:, None], neg], cross[:, rows[:, None], neg]],
+                [
+                    positive[..., None],
+                    own[:, rows[:, None], neg_index],
+                    cross[:, rows[:, None], neg_index],
+                ],
                 dim=2,
             )
         return (torch.logsumexp(logits, dim=2) - positive).mean()

@@ -36,7 +36,8 @@ DICE_EPS = 1e-10
 SegmentationLoss = Callable[[Tensor, Tensor], Tensor]
 
 
-def _check(logits: Tensor, target: Tensor) -> None:
+def _check(logits: Tensor, target: Tensor, labels: bool = True) -> None:
+    """Shapes and dtypes; with ``labels`` also the label range, which waits for the device."""
     if logits.ndim != 4 or target.ndim != 3:
         raise ValueError(
             f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} "
@@ -46,7 +47,7 @@ def _check(logits: Tensor, target: Tensor) -> None:
         raise ValueError(f"logits {tuple(logits.shape)} do not match target {tuple(target.shape)}")
     if target.dtype.is_floating_point:
         raise ValueError(f"target must hold integer labels, got dtype {target.dtype}")
-    if target.numel() and (target.min() < 0 or target.max() >= logits.shape[1]):
+    if labels and target.numel() and (target.min() < 0 or target.max() >= logits.shape[1]):
         raise ValueError(
             f"target labels must be in 0..{logits.shape[1] - 1}, got "
             f"{int(target.min())}..{int(target.max())}"
@@ -65,9 +66,15 @@ def official_class_weights(num_classes: int) -> list[float]:
     return [0.1] + [0.9 / (num_classes - 1)] * (num_classes - 1)
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, include_background: bool = True) -> Tensor:
-    """1 - mean over images x classes of the soft Dice (module docstring)."""
-    _check(logits, target)
+def soft_dice_loss(
+    logits: Tensor, target: Tensor, include_background: bool = True, check_labels: bool = True
+) -> Tensor:
+    """1 - mean over images x classes of the soft Dice (module docstring).
+
+    ``check_labels=False`` skips the label-range check, which waits for the device: for a
+    training loop whose labels were checked once.
+    """
+    _check(logits, target, check_labels)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
         onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
@@ -79,10 +86,14 @@ def soft_dice_loss(logits: Tensor, target: Tensor, include_background: bool = Tr
 
 
 def weighted_cross_entropy(
-    logits: Tensor, target: Tensor, class_weights: Sequence[float] | None = None
+    logits: Tensor,
+    target: Tensor,
+    class_weights: Sequence[float] | None = None,
+    check_labels: bool = True,
 ) -> Tensor:
-    """Mean over pixels of ``w[y] * -log softmax(logits)[y]``; unweighted if weights is None."""
-    _check(logits, target)
+    """Mean over pixels of ``w[y] * -log softmax(logits)[y]``; unweighted if weights is None.
+    ``check_labels`` as in :func:`soft_dice_loss`."""
+    _check(logits, target, check_labels)
     if class_weights is not None and len(class_weights) != logits.shape[1]:
         raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes")
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -94,12 +105,15 @@ def weighted_cross_entropy(
 
 
 def segmentation_loss(
-    name: str, num_classes: int, class_weights: Sequence[float] | None = None
+    name: str,
+    num_classes: int,
+    class_weights: Sequence[float] | None = None,
+    check_labels: bool = True,
 ) -> SegmentationLoss:
     """The loss called ``name`` (``FinetuneConfig.loss``) as ``f(logits, target) -> scalar``.
 
     ``class_weights`` applies to the cross-entropy part; for ``"ce"`` it defaults to the
-    official weights, for ``"dice_ce"`` to none.
+    official weights, for ``"dice_ce"`` to none. ``check_labels`` as in :func:`soft_dice_loss`.
     """
     if name not in SEGMENTATION_LOSSES:
         raise ValueError(
@@ -108,14 +122,15 @@ def segmentation_loss(
     if class_weights is not None and len(class_weights) != num_classes:
         raise ValueError(f"{len(class_weights)} class weights for {num_classes} classes")
     if name == "dice":
-        return lambda logits, target: soft_dice_loss(logits, target, include_background=True)
+        return lambda logits, target: soft_dice_loss(logits, target, True, check_labels)
     if name == "dice_fg":
         if num_classes < 2:
             raise ValueError("dice_fg needs at least one foreground class")
-        return lambda logits, target: soft_dice_loss(logits, target, include_background=False)
+        return lambda logits, target: soft_dice_loss(logits, target, False, check_labels)
     if name == "ce":
         weights = official_class_weights(num_classes) if class_weights is None else class_weights
-        return lambda logits, target: weighted_cross_entropy(logits, target, weights)
+        return lambda logits, target: weighted_cross_entropy(logits, target, weights, check_labels)
     return lambda logits, target: (
-        soft_dice_loss(logits, target) + weighted_cross_entropy(logits, target, class_weights)
+        soft_dice_loss(logits, target, True, check_labels)
+        + weighted_cross_entropy(logits, target, class_weights, check_labels)
     )

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -41,22 +41,28 @@ from contraseg.data.augment import finetune_augment, pretrain_view
 from contraseg.data.cache import PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.readers import get_reader
-from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
+from contraseg.data.sampling import PartitionSampler, RandomSliceSampler
 from contraseg.data.splits import Split
 from contraseg.errors import InputError
 from contraseg.evaluation.evaluate import mean_case_dice
 from contraseg.inference import Architecture, ModelBundle, Preprocessing, Provenance, Segmenter
 from contraseg.losses import (
+    GlobalPairs,
+    all_gather_with_grad,
+    check_neg_index,
+    gather_ids,
     global_chance_level,
-    global_contrastive_loss,
+    global_loss_from_pairs,
+    global_pairs,
     local_chance_level,
-    local_contrastive_loss,
+    local_loss_from_pairs,
+    local_pairs,
     segmentation_loss,
 )
 from contraseg.models.heads import GlobalHead, LocalEmbedder, official_region_grid
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
-from contraseg.training.trainer import Trainer
+from contraseg.training.trainer import Speed, Trainer
 
 
 def build_unet(config: ModelConfig, prepared: PreparedDataset) -> UNet:
@@ -87,48 +93,80 @@ def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = 
 
 
 def pretraining_sampler(
+    trainer: Trainer,
     prepared: PreparedDataset,
     split: Split,
     loss: GlobalLossConfig | LocalLossConfig,
     random_slices: bool,
     batch_size: int,
-    rng: np.random.Generator,
-) -> tuple[RandomSliceSampler | PartitionSampler, list[np.ndarray]]:
-    """The sampler of the pre-training pool: random slices (G^R, L^R) or ``m`` volumes x ``S``
-    partitions (G^D-, G^D, L^D); also returns the pool's volumes."""
+) -> RandomSliceSampler | PartitionSampler:
+    """The sampler of the pre-training pool, on the trainer's device and rank: random slices
+    (G^R, L^R) or ``m`` volumes x ``S`` partitions (G^D-, G^D, L^D); batch sizes are per rank."""
     cases = require_cases(prepared, split, split.pretrain)
-    volumes = [case.image for case in cases]
+    pool = trainer.slice_pool([case.image for case in cases])
+    rank = {"rank": trainer.rank, "world_size": trainer.world_size}
     if random_slices:
-        return RandomSliceSampler(volumes, batch_size, rng, partitions=loss.partitions), volumes
+        return RandomSliceSampler(
+            pool, batch_size, trainer.sample_generator, partitions=loss.partitions, **rank
+        )
     try:
-        sampler = PartitionSampler(
-            volumes,
+        return PartitionSampler(
+            pool,
             loss.partitions,
             loss.volumes_per_batch,
-            rng,
+            trainer.sample_generator,
             names=[str(c.image_path) for c in cases],
+            **rank,
         )
     except ValueError as err:
         raise InputError(None, f"loss.volumes_per_batch: {err}") from None
-    return sampler, volumes
+
+
+def two_view_ids(
+    sampler: RandomSliceSampler | PartitionSampler, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The (image, volume, partition) ids the contrastive losses see for this sampler's
+    batches stacked as [view 1 | view 2]: every rank's rows in rank order (``gather_ids``).
+
+    Which rows are views of one image, share a volume or a partition is the same in every
+    batch (m distinct volumes x S partitions, or images alone for G^R and L^R, which need no
+    volume ids), so the losses' pairs are found once from these ids; that search waits for
+    the device, the loss on the pairs does not. Every rank must call this (it gathers).
+    """
+    if isinstance(sampler, PartitionSampler):
+        volumes, partitions = sampler.layout()
+        images = torch.arange(len(volumes)).repeat(2)
+        return gather_ids(images, volumes.repeat(2), partitions.repeat(2), device)
+    return gather_ids(torch.arange(sampler.batch_size).repeat(2), device=device)
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def _two_views(
-    batch: SliceBatch, views: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ids for a batch stacked as [view 1 | view 2]: (image_ids, volume_ids, partition_ids)."""
-    n = batch.images.shape[0]
-    device = views.device
-    image_ids = torch.arange(n, device=device).repeat(2)
-    return (
-        image_ids,
-        batch.volume_ids.to(device).repeat(2),
-        batch.partition_ids.to(device).repeat(2),
-    )
+class GlobalNet(nn.Module):
+    """Images to global embeddings, ``g1(e(x))``: the network that trains in stage 1."""
+
+    def __init__(self, unet: UNet, g1: GlobalHead) -> None:
+        super().__init__()
+        self.unet, self.g1 = unet, g1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.g1(self.unet.encode(images)[0])
+
+
+class LocalNet(nn.Module):
+    """Images to region embeddings through the frozen ``e``, ``d_1..d_l`` and ``g2``: the
+    network that trains in stage 2."""
+
+    def __init__(self, unet: UNet, embedder: LocalEmbedder, blocks: int) -> None:
+        super().__init__()
+        self.unet, self.embedder, self.blocks = unet, embedder, blocks
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            bottleneck, skips = self.unet.encode(images)
+        return self.embedder(self.unet.decode(bottleneck, skips, blocks=self.blocks))
 
 
 class GlobalPretrainer(Trainer):
@@ -146,31 +184,35 @@ class GlobalPretrainer(Trainer):
         prepared, split = load_dataset(cfg.data)
         loss_cfg = cfg.loss
         batch = loss_cfg.volumes_per_batch * loss_cfg.partitions
-        self.sampler, volumes = pretraining_sampler(
-            prepared, split, loss_cfg, loss_cfg.strategy == "GR", batch, self.rng
+        self.sampler = pretraining_sampler(
+            self, prepared, split, loss_cfg, loss_cfg.strategy == "GR", batch
         )
         self.unet = build_unet(cfg.model, prepared)
-        height, width = volumes[0].shape[-2:]
+        self.unet.decoder.requires_grad_(False)  # not part of stage 1
+        self.unet.head.requires_grad_(False)
+        height, width = self.sampler.pool.slice_shape[-2:]
         self.g1 = GlobalHead(
             self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
-        params = [*self.unet.encoder.parameters(), *self.g1.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr)
+        self.net = GlobalNet(self.unet, self.g1)
+        self.optimizer = self.adam([*self.unet.encoder.parameters(), *self.g1.parameters()])
+        self.pairs: GlobalPairs | None = None  # found at the first iteration (they gather)
+        self.chance = math.nan
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
+        if self.pairs is None:
+            ids = two_view_ids(self.sampler, self.device)
+            self.pairs = global_pairs(*ids, strategy=cfg.loss.strategy, device=self.device)
+            self.chance = global_chance_level(*ids, strategy=cfg.loss.strategy)
+        images = self.sampler.sample().images
         views = torch.cat(
             [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
         )
-        z = self.g1(self.unet.encode(views)[0])
-        ids = _two_views(batch, views)
-        loss = global_contrastive_loss(
-            z, *ids, strategy=cfg.loss.strategy, temperature=cfg.loss.temperature
-        )
-        return loss, {"chance": global_chance_level(*ids, strategy=cfg.loss.strategy)}
+        z = all_gather_with_grad(self.net(views))
+        loss = global_loss_from_pairs(z, self.pairs, cfg.loss.temperature)
+        return loss, {"chance": self.chance}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         return {**partial_state_dict(self.unet), **_prefixed("g1", self.g1)}
@@ -188,21 +230,21 @@ class LocalPretrainer(Trainer):
         cfg = self.config
         loss_cfg = cfg.loss
         prepared, split = load_dataset(cfg.data)
-        self.sampler, volumes = pretraining_sampler(
-            prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size, self.rng
+        self.sampler = pretraining_sampler(
+            self, prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size
         )
         self.unet = build_unet(cfg.model, prepared)
         load_pretrained(self.unet, cfg.encoder, "encoder")
-        self.unet.encoder.requires_grad_(False)
-
         blocks = loss_cfg.decoder_blocks
-        height, width = volumes[0].shape[-2:]
+        self.unet.requires_grad_(False)  # only d_1..d_l (and g2) train
+        self.unet.decoder[:blocks].requires_grad_(True)
+
+        height, width = self.sampler.pool.slice_shape[-2:]
         scale = 2 ** (5 - blocks)
         try:
             grid = official_region_grid(height // scale, width // scale, loss_cfg.region_size)
         except ValueError as err:
             raise InputError(None, f"loss.decoder_blocks={blocks}: {err}") from None
-        self.neg_index = grid.neg_index if loss_cfg.negatives == "official" else None
         self.embedder = LocalEmbedder(
             self.unet.decoder_channels(blocks),
             grid.corners,
@@ -211,32 +253,34 @@ class LocalPretrainer(Trainer):
             out=cfg.model.g2_out,
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
+        self.net = LocalNet(self.unet, self.embedder, blocks)
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
-        self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
+        self.optimizer = self.adam([*decoder, *self.embedder.parameters()])
+        regions = len(grid.corners)
+        self.neg_index = None
+        if loss_cfg.negatives == "official":
+            self.neg_index = check_neg_index(grid.neg_index.to(self.device), regions)
+        self.chance = local_chance_level(regions, self.neg_index)
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # at the first iteration
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
+        if self.pairs is None:
+            ids = two_view_ids(self.sampler, self.device)
+            self.pairs = local_pairs(*ids, strategy=cfg.loss.strategy, device=self.device)
         self.unet.encoder.eval()  # frozen, batch norm included (see the module docstring)
-        batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
+        images = self.sampler.sample().images
         views = torch.cat(
             [
                 pretrain_view(images, cfg.augment, self.augment_generator, crop=False)
                 for _ in range(2)
             ]
         )
-        with torch.no_grad():
-            bottleneck, skips = self.unet.encode(views)
-        fmap = self.unet.decode(bottleneck, skips, blocks=cfg.loss.decoder_blocks)
-        regions = self.embedder(fmap)
-        ids = _two_views(batch, views)
-        kwargs = {
-            "strategy": cfg.loss.strategy,
-            "neg_index": None if self.neg_index is None else self.neg_index.to(self.device),
-            "temperature": cfg.loss.temperature,
-        }
-        loss = local_contrastive_loss(regions, *ids, **kwargs)
-        return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
+        regions = all_gather_with_grad(self.net(views))
+        loss = local_loss_from_pairs(
+            regions, *self.pairs, self.neg_index, temperature=cfg.loss.temperature
+        )
+        return loss, {"chance": self.chance}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         state = partial_state_dict(self.unet, True, self.config.loss.decoder_blocks)
@@ -270,17 +314,26 @@ class Finetuner(Trainer):
                 )
         self.train_ids = tuple(labelled.train)
         self.num_classes = cfg.model.num_classes or prepared.num_classes
+        for case in train:  # once here, so that the loss need not check every batch
+            if int(case.label.max()) >= self.num_classes:
+                raise InputError(
+                    case.label_path,
+                    f"holds label {int(case.label.max())}, but the model has "
+                    f"{self.num_classes} classes (model.num_classes)",
+                )
         self.sampler = RandomSliceSampler(
-            [case.image for case in train],
+            self.slice_pool([case.image for case in train], [case.label for case in train]),
             cfg.optim.batch_size,
-            self.rng,
-            labels=[case.label for case in train],
+            self.sample_generator,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self.unet = build_unet(cfg.model, prepared)
         self.transferred = self._initialise()
         self.model = self.unet.to(self.device)
-        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.optim.lr)
-        self.loss_fn = segmentation_loss(ft.loss, self.num_classes)
+        self.net = self.unet
+        self.optimizer = self.adam(self.unet.parameters())
+        self.loss_fn = segmentation_loss(ft.loss, self.num_classes, check_labels=False)
         self.bundle = self._bundle(prepared)
         self.segmenter = Segmenter([self.unet], [self.bundle], self.device)
         self.best_dice = -1.0
@@ -331,12 +384,11 @@ class Finetuner(Trainer):
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
+        assert batch.labels is not None  # a labelled pool
         images, labels = finetune_augment(
-            images, labels, self.config.augment, self.augment_generator
+            batch.images, batch.labels, self.config.augment, self.augment_generator
         )
-        return self.loss_fn(self.unet(images), labels), {}
+        return self.loss_fn(self.net(images), labels), {}
 
     def should_validate(self, iteration: int) -> bool:
         return iteration % self.config.finetune.val_every == 0
@@ -389,16 +441,30 @@ class Finetuner(Trainer):
 
 
 def run_pretrain_global(
-    config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainGlobalRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return GlobalPretrainer(config, out, device).run(fresh)
+    return GlobalPretrainer(config, out, device, speed).run(fresh)
 
 
 def run_pretrain_local(
-    config: PretrainLocalRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainLocalRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return LocalPretrainer(config, out, device).run(fresh)
+    return LocalPretrainer(config, out, device, speed).run(fresh)
 
 
-def run_finetune(config: FinetuneRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
-    return Finetuner(config, out, device).run(fresh)
+def run_finetune(
+    config: FinetuneRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
+) -> Path:
+    return Finetuner(config, out, device, speed).run(fresh)
