@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from contraseg.errors import InputError
+from contraseg.errors import InputError, TrainingError
 from contraseg.losses.distributed import rank_and_world_size
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def all_gather_object(obj: T) -> list[T]:
     return gathered
 
 
-class PeerFailed(Exception):
+class PeerFailed(TrainingError):
     """Another rank stopped with an error (which that rank reports); this one stops too, with
     the exit status that error has (2 for bad input, 1 otherwise)."""
 

@@ -130,6 +130,12 @@ class Speed:
     pool_budget: int | None = None
 
 
+def compile_by_default(device: torch.device, iterations_left: int) -> bool:
+    """Whether a run compiles its network when :class:`Speed` leaves it open: on CUDA, when
+    enough iterations are left to repay the compilation."""
+    return device.type == "cuda" and iterations_left >= COMPILE_MIN_ITERATIONS
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -451,7 +457,7 @@ class Trainer:
             net = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
         left = self.config.optim.iterations - self.iteration
         choice = self.speed.compile
-        self.compiled = cuda and left >= COMPILE_MIN_ITERATIONS if choice is None else choice
+        self.compiled = compile_by_default(self.device, left) if choice is None else choice
         if self.compiled:
             # CUDA graphs replay each step with one launch; with DDP its hooks need eager.
             self._cuda_graphs = cuda and self.world_size == 1
