@@ -241,6 +241,7 @@ class Trainer:
         self.channels_last = cuda if self.speed.channels_last is None else self.speed.channels_last
         self.fused_adam = cuda if self.speed.fused_adam is None else self.speed.fused_adam
         self.compiled = False  # decided when the loop starts, from the iterations left
+        self.cuda_graphs = False  # compiled with CUDA graphs (one GPU)
         self.iteration = 0
         self.sample_generator = torch.Generator().manual_seed(config.seed + 2)
         self.augment_generator = torch.Generator().manual_seed(
@@ -419,6 +420,12 @@ class Trainer:
         state = broadcast_object(prepared[0] if self.is_main else None)
         return state, prepared[1] if self.is_main else None
 
+    def build(self) -> None:
+        """Set the stage up on its device and wrap its network, without a run directory: for
+        benchmarks and notebooks that call :meth:`train_step` themselves."""
+        self._set_up_model()
+        self._accelerate()
+
     def _set_up_model(self) -> None:
         self.setup()
         self.model.to(self.device)
@@ -460,8 +467,8 @@ class Trainer:
         self.compiled = compile_by_default(self.device, left) if choice is None else choice
         if self.compiled:
             # CUDA graphs replay each step with one launch; with DDP its hooks need eager.
-            self._cuda_graphs = cuda and self.world_size == 1
-            mode = "reduce-overhead" if self._cuda_graphs else None
+            self.cuda_graphs = cuda and self.world_size == 1
+            mode = "reduce-overhead" if self.cuda_graphs else None
             net = torch.compile(net, backend=self.speed.compile_backend, mode=mode)
         self.net = net
 
@@ -484,11 +491,9 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
 
-    _cuda_graphs = False
-
     def train_step(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One iteration: the stage's loss under autocast, backward, Adam; waits for nothing."""
-        if self._cuda_graphs:
+        if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
