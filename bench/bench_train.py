@@ -84,6 +84,25 @@ RUN_COLUMNS = [
     "stage", "variant", "compiled", "it/s", "set-up + warm-up s", "10k iterations s",
     "Titan X (paper)", "speed-up vs Titan X", "peak GiB", "code", "machine", "torch", "date",
 ]  # fmt: skip
+STEP_SECTION = (
+    "bench_step",
+    "Full training step vs network-only step (`bench/bench_train.py`)",
+    "Per stage, in one process: Trainer.train_step (sampling, augmentation, forward, loss, "
+    "backward, Adam) against a bare PyTorch loop of the same network and optimiser on a batch "
+    "already on the device. Target (P2): full / network at most 1.15 at 192 x 192. The overhead "
+    "column is their difference per iteration (at 32 x 32: the fixed per-iteration overhead). "
+    "CPU rows: CPU time of one thread.",
+)
+STEP_KEY = ("stage", "size", "variant", "code", "machine", "torch")
+RUN_SECTION = (
+    "bench_stages",
+    "Training speed of the stages at the paper's sizes (`bench/bench_train.py`)",
+    "Trainer.run from scratch on a 192 x 192 phantom with the default log, checkpoint and "
+    "validation rhythm; it/s over the iterations after the warm-up, and 10,000 iterations "
+    "extrapolated from them (set-up and warm-up, compilation included, counted once). Target "
+    "(P3): at most 60 s on one H100 or H200. Titan X: the paper's times (supplement 1.4).",
+)
+RUN_KEY = ("stage", "variant", "code", "machine", "torch")
 
 
 @dataclass
@@ -302,30 +321,8 @@ def main() -> None:
     if not args.write:
         return
     if run_rows:
-        write_section(
-            "bench_stages",
-            "Training speed of the stages at the paper's sizes (`bench/bench_train.py`)",
-            "Trainer.run from scratch on a 192 x 192 phantom with the default log, checkpoint "
-            "and validation rhythm; it/s over the iterations after the warm-up, and 10,000 "
-            "iterations extrapolated from them (set-up and warm-up, compilation included, "
-            "counted once). Target (P3): at most 60 s on one H100 or H200. Titan X: the "
-            "paper's times (supplement 1.4).",
-            RUN_COLUMNS,
-            run_rows,
-            key=("stage", "variant", "code", "machine", "torch"),
-        )
-    write_section(
-        "bench_step",
-        "Full training step vs network-only step (`bench/bench_train.py`)",
-        "Per stage, in one process: Trainer.train_step (sampling, augmentation, forward, loss, "
-        "backward, Adam) against a bare PyTorch loop of the same network and optimiser on a "
-        "batch already on the device. Target (P2): full / network at most 1.15 at 192 x 192. "
-        "The overhead column is their difference per iteration (at 32 x 32: the fixed "
-        "per-iteration overhead). CPU rows: CPU time of one thread.",
-        STEP_COLUMNS,
-        step_rows,
-        key=("stage", "size", "variant", "code", "machine", "torch"),
-    )
+        write_section(*RUN_SECTION, RUN_COLUMNS, run_rows, key=RUN_KEY)
+    write_section(*STEP_SECTION, STEP_COLUMNS, step_rows, key=STEP_KEY)
     print(f"rows written to {BENCHMARKS}")
 
 
