@@ -103,6 +103,29 @@ RUN_SECTION = (
     "(P3): at most 60 s on one H100 or H200. Titan X: the paper's times (supplement 1.4).",
 )
 RUN_KEY = ("stage", "variant", "code", "machine", "torch")
+COMPILE_COLUMNS = [
+    "stage", "extra warm-up s", "ms saved per iteration", "break-even iterations", "code",
+    "machine", "torch", "date",
+]  # fmt: skip
+COMPILE_SECTION = (
+    "bench_compile",
+    "When torch.compile pays for itself (`bench/bench_train.py`)",
+    "From the runs of the default variant (compiled) and of no-compile above: the compiled "
+    "run's extra set-up and warm-up, the time it saves per iteration, and the iterations after "
+    "which it has repaid its warm-up (what COMPILE_MIN_ITERATIONS in "
+    "contraseg/training/trainer.py should be; the default run has 10,000).",
+)
+
+
+def compile_row(compiled: list[str], eager: list[str]) -> list[str]:
+    """The row of COMPILE_COLUMNS from a compiled and an eager row of RUN_COLUMNS."""
+    column = RUN_COLUMNS.index
+    rate_c, rate_e = float(compiled[column("it/s")]), float(eager[column("it/s")])
+    warm = column("set-up + warm-up s")
+    extra = float(compiled[warm]) - float(eager[warm])
+    saved = 1 / rate_e - 1 / rate_c
+    even = f"{extra / saved:.0f}" if saved > 0 else "never"
+    return [compiled[0], f"{extra:.1f}", f"{saved * 1e3:.2f}", even, *compiled[-4:]]
 
 
 @dataclass
@@ -318,10 +341,20 @@ def main() -> None:
                     print(" | ".join(row), flush=True)
                     step_rows.append(row)
                     trainer = None
+    by_stage = {(row[0], row[2]): row for row in run_rows}  # (stage, compiled)
+    compile_rows = [
+        compile_row(by_stage[stage, "yes"], by_stage[stage, "no"])
+        for stage in args.stages
+        if (stage, "yes") in by_stage and (stage, "no") in by_stage
+    ]
+    for row in compile_rows:
+        print(" | ".join(row), flush=True)
     if not args.write:
         return
     if run_rows:
         write_section(*RUN_SECTION, RUN_COLUMNS, run_rows, key=RUN_KEY)
+    if compile_rows:
+        write_section(*COMPILE_SECTION, COMPILE_COLUMNS, compile_rows, key=("stage", *RUN_KEY[2:]))
     write_section(*STEP_SECTION, STEP_COLUMNS, step_rows, key=STEP_KEY)
     print(f"rows written to {BENCHMARKS}")
 

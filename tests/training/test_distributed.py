@@ -96,8 +96,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int) -> None:
-    """One rank as torchrun would start it; assertion errors reach the parent via mp.spawn."""
+def _as_torchrun_rank(rank: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of WORLD on this host."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -106,6 +106,11 @@ def _worker(rank: int, port: int) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, port: int) -> None:
+    """One rank as torchrun would start it; assertion errors reach the parent via mp.spawn."""
+    _as_torchrun_rank(rank, port)
     info, device = init_distributed(torch.device("cpu"))
     assert info == DistributedInfo(rank, rank, WORLD) and device == torch.device("cpu")
     assert dist.get_backend() == "gloo" and dist.get_world_size() == WORLD
@@ -152,14 +157,7 @@ def _spy(calls: list[str]) -> None:
 def _stage_worker(rank: int, port: int, configs: dict, out: Path) -> None:
     """Both ranks: a pre-training run stopped at iteration 3 and resumed (checkpoint at 2), the
     same run uninterrupted, a short fine-tuning with validation, and a run that rank 0 refuses."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    _as_torchrun_rank(rank, port)
     calls: list[str] = []
     _spy(calls)
     printed = io.StringIO()

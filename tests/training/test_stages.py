@@ -322,6 +322,18 @@ def test_compiled_networks_train_as_the_eager_ones(tiny_config, tmp_path, stage_
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_compiler_failure_says_how_to_train_without_it(tiny_config, tmp_path):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    config = tiny_config(FinetuneRun, "optim.iterations=2", "optim.batch_size=2")
+    speed = Speed(compile=True, compile_backend=failing_backend)
+    with pytest.raises(TrainingError, match=r"torch.compile failed .*--no-compile$") as err:
+        run_finetune(config, tmp_path / "run", device="cpu", speed=speed)
+    assert "no compiler here" in str(err.value) and len(str(err.value).splitlines()) == 1
+    run_finetune(config, tmp_path / "run", device="cpu", speed=Speed(compile=False))
+
+
 def test_fused_adam_and_channels_last_resume_into_a_plain_run(tiny_config, tmp_path, monkeypatch):
     """The CUDA defaults (fused Adam, channels-last weights) exercised on the CPU: a checkpoint
     written with them resumes without them and ends near the run that kept them."""

@@ -44,7 +44,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,8 @@ _BAR_DISABLE = None if autonotebook.tqdm is std.tqdm else False
 # torch.compile is chosen by default on CUDA for runs with at least this many iterations left:
 # the iterations in which a faster step repays the compilation (bench/gpu.sh measures both).
 COMPILE_MIN_ITERATIONS = 2000
+# Where torch.compile's errors come from (see Trainer._compile_failure).
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
 # Seeds of the ranks' augmentation generators lie this far apart (seeds are below 2**32).
 RANK_SEED_STRIDE = 2**33
 
@@ -113,8 +115,8 @@ class Speed:
 
     - ``compile``: ``torch.compile`` the stage's network (with CUDA graphs on one GPU); by
       default on CUDA when at least ``COMPILE_MIN_ITERATIONS`` iterations are left.
-    - ``compile_backend``: torch.compile's backend ("aot_eager" traces without generating
-      code, which is how the CPU tests check that the networks compile).
+    - ``compile_backend``: torch.compile's backend, a name or a callable ("aot_eager" traces
+      without generating code, which is how the CPU tests check that the networks compile).
     - ``autocast``: bf16 autocast of the forward pass (default on CUDA).
     - ``channels_last``: convolution weights in channels-last layout (default on CUDA).
     - ``fused_adam``: Adam's fused kernel (default on CUDA).
@@ -123,7 +125,7 @@ class Speed:
     """
 
     compile: bool | None = None
-    compile_backend: str = "inductor"
+    compile_backend: str | Callable[..., Any] = "inductor"
     autocast: bool | None = None
     channels_last: bool | None = None
     fused_adam: bool | None = None
@@ -519,7 +521,13 @@ class Trainer:
         with bar, self._stop_at_ctrl_c():
             while self.iteration < iterations:
                 iteration = self.iteration + 1
-                loss, stats = self.train_step(iteration)
+                try:
+                    loss, stats = self.train_step(iteration)
+                except Exception as err:
+                    failure = self._compile_failure(err)
+                    if failure is None:
+                        raise
+                    raise failure from err
                 self.iteration = iteration
                 self._pending.append(loss.detach())
                 bar.update(1)
@@ -545,6 +553,17 @@ class Trainer:
                     self._save()
                 if self._stop_requested:
                     raise KeyboardInterrupt
+
+    def _compile_failure(self, err: Exception) -> TrainingError | None:
+        """An error of torch.compile's (it compiles at the first steps) as one line that says
+        how to train without it; None for any other error."""
+        if not (self.compiled and type(err).__module__.startswith(COMPILER_MODULES)):
+            return None
+        detail = " ".join(str(err).split())[:200]
+        return TrainingError(
+            f"{self.stage}: torch.compile failed ({type(err).__name__}: {detail}); "
+            "run the same command with --no-compile"
+        )
 
     @contextlib.contextmanager
     def _stop_at_ctrl_c(self) -> Iterator[None]:
