@@ -132,39 +132,34 @@ class SlicePool:
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def gather(self, flat: Tensor, flat_on_device: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The images (and labels, as int64) at flat slice indices, on the pool's device;
-        ``flat`` is on the CPU, ``flat_on_device`` is the same indices on the device."""
-        if self._images is not None:
-            images = self._images.index_select(0, flat_on_device)
-            labels = None if self._labels is None else self._labels.index_select(0, flat_on_device)
-        else:
-            images, labels = self._gather_on_host(flat)
-        return images, None if labels is None else labels.long()
-
-    def _gather_on_host(self, flat: Tensor) -> tuple[Tensor, Tensor | None]:
-        vol = torch.searchsorted(self.starts, flat, right=True) - 1
-        sl = flat - self.starts[vol]
-        pin = self.device.type == "cuda"
-        n = len(flat)
-        images = torch.empty((n, *self.slice_shape), pin_memory=pin)
-        labels = None
-        if self.labels is not None:
-            labels = torch.empty((n, *self.slice_shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        out_images, out_labels = images.numpy(), None if labels is None else labels.numpy()
-        for i, (v, z) in enumerate(zip(vol.tolist(), sl.tolist(), strict=True)):
-            out_images[i] = self.volumes[v][z]
-            if out_labels is not None and self.labels is not None:
-                out_labels[i] = self.labels[v][z]
-        move = (lambda t: t.to(self.device, non_blocking=True)) if pin else self.to_device
-        return move(images), None if labels is None else move(labels)
-
     def batch(self, vol: Tensor, part: Tensor, sl: Tensor) -> SliceBatch:
         """The :class:`SliceBatch` of slices ``sl`` of volumes ``vol`` (CPU int64 tensors)."""
         flat = self.starts[vol] + sl
         ids = self.to_device(torch.stack([flat, vol, part, sl]))
-        images, labels = self.gather(flat, ids[0])
-        return SliceBatch(images, ids[1], ids[2], ids[3], labels)
+        if self._images is not None:
+            images = self._images.index_select(0, ids[0])
+            labels = None if self._labels is None else self._labels.index_select(0, ids[0])
+        else:
+            images, labels = self._gather_on_host(vol, sl)
+        return SliceBatch(images, ids[1], ids[2], ids[3], None if labels is None else labels.long())
+
+    def _gather_on_host(self, vol: Tensor, sl: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Slices read from the cache files into (pinned, for a GPU) host memory, then copied
+        without waiting for the device."""
+        pin = self.device.type == "cuda"
+        images = torch.empty((len(vol), *self.slice_shape), pin_memory=pin)
+        labels = None
+        if self.labels is not None:
+            shape = (len(vol), *self.slice_shape[1:])
+            labels = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        image_rows = images.numpy()  # views: the memory maps are copied straight in
+        label_rows = None if labels is None else labels.numpy()
+        for i, (v, z) in enumerate(zip(vol.tolist(), sl.tolist(), strict=True)):
+            image_rows[i] = self.volumes[v][z]
+            if label_rows is not None and self.labels is not None:
+                label_rows[i] = self.labels[v][z]
+        images = images.to(self.device, non_blocking=pin)
+        return images, None if labels is None else labels.to(self.device, non_blocking=pin)
 
 
 def _check_share(batch: int, rank: int, world_size: int) -> None:
