@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # and an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench bench-gpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_losses.py
 	$(BIN)/python bench/bench_augment.py
+
+# On a machine with a CUDA GPU and PyTorch: the GPU checks and benchmarks (bench/gpu.sh).
+bench-gpu:
+	bench/gpu.sh

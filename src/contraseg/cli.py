@@ -43,6 +43,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start over instead of resuming from the last checkpoint",
     )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="never torch.compile the network (by default compiled on CUDA for long runs)",
+    )
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -71,8 +76,12 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _run_stage(args: argparse.Namespace, stage: str) -> None:
+    """One stage; under ``torchrun --nproc_per_node=N`` every rank runs this (docs/training.md,
+    "Speed and several GPUs") and leaves the process group at the end."""
     from contraseg.config import RUN_CLASSES, load_config
     from contraseg.training import joint, pretext, stages
+    from contraseg.training.distributed import destroy_distributed
+    from contraseg.training.trainer import Speed
 
     out = check_out_dir(args.out)
     config = load_config(RUN_CLASSES[stage], args.config, args.overrides)
@@ -83,7 +92,11 @@ def _run_stage(args: argparse.Namespace, stage: str) -> None:
         "pretrain-pretext": pretext.run_pretrain_pretext,
         "finetune": stages.run_finetune,
     }[stage]
-    runner(config, out, device=args.device, fresh=args.fresh)
+    speed = Speed(compile=False) if args.no_compile else None
+    try:
+        runner(config, out, device=args.device, fresh=args.fresh, speed=speed)
+    finally:
+        destroy_distributed()
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -384,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as err:
         if args.debug:
             raise
+        from contraseg.training.distributed import PeerFailed  # loaded by the training
+
+        if isinstance(err, PeerFailed):  # another rank of a torchrun job printed its error
+            return err.status
         print(f"contraseg: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,7 +1,11 @@
-"""Process-group set-up from torchrun's environment, and its no-op behaviour without torchrun."""
+"""Process-group set-up from torchrun's environment, its no-op behaviour without torchrun, and
+the stages trained by two gloo ranks: resume, rank 0's side effects, errors that stop both."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import socket
 from pathlib import Path
@@ -11,7 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from contraseg import config as config_module
+from contraseg import fileio
+from contraseg.config import FinetuneRun, PretrainGlobalRun
 from contraseg.errors import InputError
+from contraseg.training import stages
+from contraseg.training import trainer as trainer_module
+from contraseg.training.checkpoint import load_checkpoint, load_weights
 from contraseg.training.distributed import (
     DistributedInfo,
     backend_for,
@@ -22,6 +32,8 @@ from contraseg.training.distributed import (
     is_main,
     torchrun_env,
 )
+from contraseg.training.stages import Finetuner, GlobalPretrainer
+from contraseg.training.trainer import RunLock, Trainer
 
 WORLD = 2
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -84,8 +96,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, port: int) -> None:
-    """One rank as torchrun would start it; assertion errors reach the parent via mp.spawn."""
+def _as_torchrun_rank(rank: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of WORLD on this host."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -94,6 +106,11 @@ def _worker(rank: int, port: int) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, port: int) -> None:
+    """One rank as torchrun would start it; assertion errors reach the parent via mp.spawn."""
+    _as_torchrun_rank(rank, port)
     info, device = init_distributed(torch.device("cpu"))
     assert info == DistributedInfo(rank, rank, WORLD) and device == torch.device("cpu")
     assert dist.get_backend() == "gloo" and dist.get_world_size() == WORLD
@@ -109,3 +126,116 @@ def test_two_ranks_join_torchruns_group(monkeypatch):
     # The spawned children import this module by name (importlib mode): put its root on the path.
     monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+
+
+# ---- a data-parallel run of the stages ------------------------------------------------------
+
+SIDE_EFFECTS = (
+    (trainer_module, "save_checkpoint"),
+    (trainer_module, "save_weights"),
+    (stages, "save_weights"),
+    (fileio, "write_text"),
+    (config_module, "save_config"),
+    (RunLock, "acquire"),
+    (Trainer, "log"),
+    (Finetuner, "write_products"),
+)
+
+
+def _spy(calls: list[str]) -> None:
+    """Record every call that writes into a run directory."""
+    for owner, name in SIDE_EFFECTS:
+        original = getattr(owner, name)
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(owner, name, wrapped)
+
+
+def _stage_worker(rank: int, port: int, configs: dict, out: Path) -> None:
+    """Both ranks: a pre-training run stopped at iteration 3 and resumed (checkpoint at 2), the
+    same run uninterrupted, a short fine-tuning with validation, and a run that rank 0 refuses."""
+    _as_torchrun_rank(rank, port)
+    calls: list[str] = []
+    _spy(calls)
+    printed = io.StringIO()
+    report: dict = {}
+    original = GlobalPretrainer.compute_loss
+
+    def stop_at_3(self, iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt
+        return original(self, iteration)
+
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        GlobalPretrainer.compute_loss = stop_at_3
+        try:
+            GlobalPretrainer(configs["global"], out / "resumed", "cpu").run()
+        except KeyboardInterrupt:
+            report["interrupted"] = True
+        GlobalPretrainer.compute_loss = original
+        resumed = GlobalPretrainer(configs["global"], out / "resumed", "cpu")
+        report["world"] = [resumed.rank, resumed.world_size]
+        resumed.run()
+        report["resumed_from"] = resumed._saved_iteration
+        GlobalPretrainer(configs["global"], out / "straight", "cpu").run()
+        Finetuner(configs["finetune"], out / "finetune", "cpu").run()
+        try:
+            GlobalPretrainer(configs["global"], out / "not-a-run", "cpu").run()
+        except Exception as err:
+            report["refused"] = [type(err).__name__, getattr(err, "status", None), str(err)]
+    destroy_distributed()
+    report["calls"] = calls
+    report["printed"] = printed.getvalue()
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_two_ranks_train_resume_and_leave_the_run_directory_to_rank_0(
+    tiny_config, tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2]))
+    configs = {
+        "global": tiny_config(
+            PretrainGlobalRun,
+            "optim.iterations=4",
+            "optim.checkpoint_every=2",
+            "loss.volumes_per_batch=2",
+        ),
+        "finetune": tiny_config(
+            FinetuneRun, "optim.iterations=2", "optim.batch_size=2", "finetune.val_every=1"
+        ),
+    }
+    (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "not-a-run" / "notes.txt").write_text("mine")
+    mp.spawn(_stage_worker, args=(_free_port(), configs, tmp_path), nprocs=WORLD)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    assert [r["world"] for r in ranks] == [[0, WORLD], [1, WORLD]]
+    assert all(r["interrupted"] and r["resumed_from"] == 4 for r in ranks)
+    # the resumed run (checkpoint of iteration 2) ends where the uninterrupted one does
+    resumed = load_weights(tmp_path / "resumed" / "weights.safetensors")
+    straight = load_weights(tmp_path / "straight" / "weights.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    state = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert state["world_size"] == WORLD and state["rng_augment"].shape[0] == WORLD
+    assert not torch.equal(state["rng_augment"][0], state["rng_augment"][1])  # own streams
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
+    validated = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").open()]
+    assert [row["iteration"] for row in validated if "val_dice" in row] == [1, 2]
+    assert (tmp_path / "finetune" / "model.json").is_file()
+
+    # rank 0 alone writes and prints; an input error on rank 0 stops rank 1 quietly
+    assert {"save_checkpoint", "save_weights", "write_text", "log", "acquire"} <= set(
+        ranks[0]["calls"]
+    )
+    assert ranks[1]["calls"] == [] and ranks[1]["printed"] == ""
+    assert ranks[0]["printed"].count("done at iteration") == 3  # resumed, straight, finetune
+    assert (
+        ranks[0]["refused"][0] == "InputError" and "not a contraseg run" in ranks[0]["refused"][2]
+    )
+    assert ranks[1]["refused"][:2] == ["PeerFailed", 2]
+    assert [p.name for p in (tmp_path / "not-a-run").iterdir()] == ["notes.txt"]

@@ -10,6 +10,7 @@ import torch
 from contraseg.cli import main
 from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun
 from contraseg.errors import InputError, TrainingError
+from contraseg.training import stages
 from contraseg.training.checkpoint import load_checkpoint, load_weights
 from contraseg.training.stages import (
     Finetuner,
@@ -19,6 +20,7 @@ from contraseg.training.stages import (
     run_pretrain_global,
     run_pretrain_local,
 )
+from contraseg.training.trainer import COMPILE_MIN_ITERATIONS, Speed, compile_by_default
 
 
 def _metrics(run_dir):
@@ -89,7 +91,7 @@ def test_finetuning_starts_from_the_pretrained_tensors(
     transferred = [k for k in pretrained if k.startswith(("encoder.", "decoder."))]
     assert sorted(transferred) == trainer.transferred
     for key in transferred:
-        assert torch.equal(own[key], pretrained[key]), key
+        assert torch.equal(own[key].cpu(), pretrained[key]), key
     if init == "encoder":
         assert not any(k.startswith("decoder.") for k in trainer.transferred)
 
@@ -138,18 +140,19 @@ RESUMABLE = {
 def test_resume_after_interruption_gives_the_same_weights(
     tiny_config, tmp_path, monkeypatch, stage_runs, stage
 ):
+    """Bitwise on the CPU (a GPU's atomics make the uninterrupted run itself vary)."""
     run_class, trainer_class, run, extra = RESUMABLE[stage]
     if stage == "pretrain-local":
         extra = (*extra, f"encoder={stage_runs[0]}")
     config = tiny_config(run_class, "optim.iterations=6", "optim.checkpoint_every=2", *extra)
-    straight = run(config, tmp_path / "straight")
+    straight = run(config, tmp_path / "straight", device="cpu")
 
     with monkeypatch.context() as patch:
         _interrupt_at(patch, trainer_class, 5)
         with pytest.raises(KeyboardInterrupt):
-            run(config, tmp_path / "resumed")
+            run(config, tmp_path / "resumed", device="cpu")
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["iteration"] == 4
-    resumed = run(config, tmp_path / "resumed")
+    resumed = run(config, tmp_path / "resumed", device="cpu")
 
     a = load_weights(straight / "weights.safetensors")
     b = load_weights(resumed / "weights.safetensors")
@@ -264,3 +267,112 @@ def test_bad_input_writes_no_run_directory_and_a_failed_start_can_be_retried(
     # the corrected command (another config) starts in that directory without --fresh
     fixed = tiny_config(PretrainLocalRun, "optim.iterations=1", f"encoder={stage_runs[0]}")
     assert run_pretrain_local(fixed, out) == out
+
+
+# ---- speed: what each device gets, compiled networks, other kernels and layouts -------------
+
+
+def test_speed_defaults_follow_the_device(tiny_config, tmp_path):
+    trainer = GlobalPretrainer(tiny_config(PretrainGlobalRun), tmp_path / "run", "cpu")
+    assert not (trainer.autocast or trainer.channels_last or trainer.fused_adam)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_by_default(cuda, COMPILE_MIN_ITERATIONS)
+    assert not compile_by_default(cuda, COMPILE_MIN_ITERATIONS - 1)
+    assert not compile_by_default(cpu, 10**6)
+
+
+def test_no_compile_reaches_the_stage(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(config, out, device, fresh, speed):
+        seen["speed"] = speed
+
+    monkeypatch.setattr(stages, "run_finetune", run)
+    main(["finetune", "--out", str(tmp_path / "a"), "--no-compile"])
+    assert seen["speed"] == Speed(compile=False)
+    main(["finetune", "--out", str(tmp_path / "b")])
+    assert seen["speed"] is None
+
+
+SPEED_STAGES = {
+    "pretrain-global": (PretrainGlobalRun, run_pretrain_global, ("loss.volumes_per_batch=2",)),
+    "pretrain-local": (PretrainLocalRun, run_pretrain_local, ("loss.strategy=LD",)),
+    "finetune": (FinetuneRun, run_finetune, ("optim.batch_size=4", "finetune.val_every=2")),
+}
+
+
+def _weights(run_dir):
+    return load_weights(run_dir / "weights.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", SPEED_STAGES)
+def test_compiled_networks_train_as_the_eager_ones(tiny_config, tmp_path, stage_runs, stage):
+    """torch.compile traces each stage's network whole (the aot_eager backend compiles
+    nothing, so the CPU test stays seconds); the weights match the eager run's."""
+    run_class, run, extra = SPEED_STAGES[stage]
+    if stage == "pretrain-local":
+        extra = (*extra, f"encoder={stage_runs[0]}")
+    config = tiny_config(run_class, "optim.iterations=3", *extra)
+    eager = run(config, tmp_path / "eager", device="cpu")
+    compiled = Speed(compile=True, compile_backend="aot_eager")
+    traced = run(config, tmp_path / "compiled", device="cpu", speed=compiled)
+    a, b = _weights(eager), _weights(traced)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_compiler_failure_says_how_to_train_without_it(tiny_config, tmp_path):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    config = tiny_config(FinetuneRun, "optim.iterations=2", "optim.batch_size=2")
+    speed = Speed(compile=True, compile_backend=failing_backend)
+    with pytest.raises(TrainingError, match=r"torch.compile failed .*--no-compile$") as err:
+        run_finetune(config, tmp_path / "run", device="cpu", speed=speed)
+    assert "no compiler here" in str(err.value) and len(str(err.value).splitlines()) == 1
+    run_finetune(config, tmp_path / "run", device="cpu", speed=Speed(compile=False))
+
+
+def test_fused_adam_and_channels_last_resume_into_a_plain_run(tiny_config, tmp_path, monkeypatch):
+    """The CUDA defaults (fused Adam, channels-last weights) exercised on the CPU: a checkpoint
+    written with them resumes without them and ends near the run that kept them."""
+    config = tiny_config(
+        FinetuneRun,
+        "optim.iterations=4",
+        "optim.checkpoint_every=2",
+        "optim.batch_size=4",
+        "finetune.val_every=2",
+    )
+    fast = Speed(fused_adam=True, channels_last=True)
+    straight = run_finetune(config, tmp_path / "straight", device="cpu", speed=fast)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, Finetuner, 3)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(config, tmp_path / "resumed", device="cpu", speed=fast)
+    trainer = Finetuner(config, tmp_path / "resumed", "cpu")
+    trainer.run()
+    assert all(group["fused"] is None for group in trainer.optimizer.param_groups)
+    a, b = _weights(straight), _weights(tmp_path / "resumed")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_run_agrees_with_eager_within_seed_noise(tiny_config, tmp_path):
+    """On the GPU, 200 iterations compiled (inductor, CUDA graphs) follow the eager run of the
+    same seed more closely than two eager runs of different seeds follow each other."""
+
+    def losses(name: str, speed: Speed, seed: int) -> torch.Tensor:
+        config = tiny_config(
+            PretrainGlobalRun, "optim.iterations=200", "loss.volumes_per_batch=4", f"seed={seed}"
+        )
+        run_dir = run_pretrain_global(config, tmp_path / name, device="cuda", speed=speed)
+        return torch.tensor([row["loss"] for row in _metrics(run_dir)])
+
+    eager = losses("eager", Speed(compile=False), 0)
+    compiled = losses("compiled", Speed(compile=True), 0)
+    other_seed = losses("seed1", Speed(compile=False), 1)
+    assert (compiled - eager).abs().mean() < (other_seed - eager).abs().mean()

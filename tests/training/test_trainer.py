@@ -40,7 +40,7 @@ class Toy(Trainer):
         self.data = torch.randn(16, 4)
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        index = torch.from_numpy(self.rng.integers(0, 16, 4))
+        index = torch.randint(0, 16, (4,), generator=self.sample_generator)
         x = self.data[index] + 0.1 * torch.randn(4, 4, generator=self.augment_generator)
         return (self.model(x) - 1).pow(2).mean(), {"chance": 1.0}
 
@@ -130,7 +130,7 @@ DAMAGES = {
     "not a dict": (lambda s: [1, 2], "the checkpoint is list, expected dict"),
     "empty dict": (lambda s: {}, "lacks 'stage', 'iteration', 'model'"),
     "no optimizer": (_drop("optimizer"), "lacks 'optimizer'"),
-    "no numpy rng": (_drop("rng_numpy"), "lacks 'rng_numpy'"),
+    "no sampling rng": (_drop("rng_sample"), "lacks 'rng_sample'"),
     "unexpected entry": (_set(("surprise",), 1), "unexpected 'surprise'"),
     "model as a list": (_set(("model",), [1]), "model is list, expected dict"),
     "missing weight": (lambda s: (s["model"].pop("bias"), s)[1], "model lacks 'bias'"),
@@ -142,15 +142,23 @@ DAMAGES = {
     "iteration as float": (_set(("iteration",), 4.0), "iteration is float, expected int"),
     "other stage": (_set(("stage",), "finetune"), "a checkpoint of stage 'finetune', not 'toy'"),
     "torch rng garbage": (
-        _set(("rng_torch",), torch.randint(0, 255, (5056,), dtype=torch.uint8)),
+        _set(("rng_torch",), torch.randint(0, 255, (1, 5056), dtype=torch.uint8)),
         "rng_torch does not restore",
     ),
     "torch rng short": (_set(("rng_augment",), torch.zeros(8, dtype=torch.uint8)), "shape (8,)"),
-    "numpy rng of another kind": (
-        _set(("rng_numpy", "bit_generator"), "MT19937"),
-        "rng_numpy does not restore",
+    "sampling rng garbage": (
+        _set(("rng_sample",), torch.randint(0, 255, (5056,), dtype=torch.uint8)),
+        "rng_sample does not restore",
     ),
-    "numpy rng out of range": (_set(("rng_numpy", "state", "inc"), -1), "rng_numpy"),
+    "augmentation rng of another world": (
+        _set(("rng_augment",), torch.zeros(2, 5056, dtype=torch.uint8)),
+        "rng_augment has shape (2, 5056), expected (1, 5056)",
+    ),
+    "other world size": (
+        _set(("world_size",), 2),
+        "written by a run of 2 processes and this run has 1; resume it with torchrun "
+        "--nproc_per_node=2",
+    ),
     "optimizer groups": (
         _set(("optimizer", "param_groups"), []),
         "optimizer state does not fit the model",

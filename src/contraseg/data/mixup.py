@@ -16,14 +16,20 @@ import torch
 from torch import Tensor
 
 
-def sample_mixup(batch: int, alpha: float, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """(lam, perm): per-image weights in [0.5, 1] (float32, (B,)) and a permutation (B,)."""
+def sample_mixup(batch: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(lam, perm): per-image weights in [0.5, 1] (float32, (B,)) and a permutation (B,), drawn
+    on the CPU from ``generator`` (the run's augmentation generator, saved in checkpoints).
+
+    torch's Beta distribution takes no generator, so a numpy generator seeded from
+    ``generator`` draws the weights: the same draws for a seed, on any device.
+    """
     if alpha <= 0:
         raise ValueError(f"mixup alpha must be positive, got {alpha}")
-    lam = rng.beta(alpha, alpha, size=batch)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    lam = np.random.default_rng(seed).beta(alpha, alpha, size=batch)
     lam = np.maximum(lam, 1.0 - lam)
-    perm = rng.permutation(batch)
-    return torch.from_numpy(lam.astype(np.float32)), torch.from_numpy(perm.astype(np.int64))
+    perm = torch.randperm(batch, generator=generator)
+    return torch.from_numpy(lam.astype(np.float32)), perm
 
 
 def mixup(

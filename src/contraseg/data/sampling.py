@@ -1,4 +1,4 @@
-"""Slice sampling for pre-training and fine-tuning (method_spec section 3.2).
+"""Slice sampling for pre-training and fine-tuning (method_spec section 3.2), on the device.
 
 Partition rule, as in the official code: a volume of n slices is split into S partitions with
 boundaries ``k * floor(n / S)``, k = 0..S. The trailing ``n mod S`` slices (at the end of the
@@ -6,17 +6,42 @@ stack, the apex for ACDC-like data) belong to no partition and are never drawn b
 sampler; :class:`RandomSliceSampler` draws every slice and counts trailing slices as part of the
 last partition. Unlike the official code, a partition batch never holds empty (all-zero) slots:
 it is exactly m distinct volumes x S partitions.
+
+Where the data lives: a :class:`SlicePool` holds every slice of the sampled volumes in one
+tensor on the training device (ACDC's pre-training pool is about 150 MB at 192 x 192), so that
+a batch is one gather by index there. A pool larger than its memory budget stays in the
+memory-mapped cache files and each batch is gathered on the host into pinned memory and copied
+asynchronously.
+
+Randomness: the indices are drawn on the CPU from the caller's ``torch.Generator`` (the run's
+sampling generator, saved in every checkpoint), so that a seed draws the same slices on any
+device and a resumed run draws what the uninterrupted one would. They reach the device in one
+small asynchronous copy per batch; nothing waits for the device.
+
+Several ranks (``rank``, ``world_size``): every rank makes the same draw for the whole batch of
+``world_size`` ranks and keeps its own block, so that the ranks' batches concatenated in rank
+order are the batch one process would draw with ``world_size`` times the per-rank size, and
+the partition sampler gives each rank distinct volumes (:func:`rank_volumes`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from contraseg.errors import InputError
+
+# Share of the device's free memory (of the host's memory on the CPU) a pool may take before it
+# is left in the cache files; the rest is for the network's activations.
+POOL_BUDGET_FRACTION = 0.25
+
+ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
 
 
 def partition_bounds(n_slices: int, partitions: int) -> np.ndarray:
@@ -30,90 +55,46 @@ def partition_bounds(n_slices: int, partitions: int) -> np.ndarray:
 
 @dataclass
 class SliceBatch:
-    """A batch of 2-D slices with where each came from."""
+    """A batch of 2-D slices with where each came from, on the pool's device."""
 
-    images: torch.Tensor  # (B, C, H, W) float32
-    volume_ids: torch.Tensor  # (B,) int64: index into the sampler's ``volumes``
-    partition_ids: torch.Tensor  # (B,) int64
-    slice_ids: torch.Tensor  # (B,) int64: slice index within its volume
-    labels: torch.Tensor | None = None  # (B, H, W) int64
-
-
-def _check_volumes(volumes: Sequence[np.ndarray]) -> None:
-    if len(volumes) == 0:
-        raise ValueError("no volumes to sample from")
-    shapes = {tuple(v.shape[1:]) for v in volumes}
-    if len(shapes) != 1 or any(v.ndim != 4 for v in volumes):
-        raise ValueError(f"volumes must be (Z, C, H, W) with one (C, H, W); got {sorted(shapes)}")
+    images: Tensor  # (B, C, H, W) float32
+    volume_ids: Tensor  # (B,) int64: index into the pool's volumes
+    partition_ids: Tensor  # (B,) int64
+    slice_ids: Tensor  # (B,) int64: slice index within its volume
+    labels: Tensor | None = None  # (B, H, W) int64
 
 
-def _gather(volumes: Sequence[np.ndarray], vol: np.ndarray, sl: np.ndarray) -> torch.Tensor:
-    stack = np.stack([np.asarray(volumes[v][z], np.float32) for v, z in zip(vol, sl, strict=True)])
-    return torch.from_numpy(stack)
+def default_budget(device: torch.device) -> int:
+    """Bytes a pool may take on ``device``: a share of its free memory (of the host's RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(free * POOL_BUDGET_FRACTION)
 
 
-class PartitionSampler:
-    """m distinct volumes x S partitions, one uniformly random slice per partition (G^D, L^D).
+class SlicePool:
+    """Every slice of ``volumes`` (each (Z, C, H, W)) and of their ``labels`` (each (Z, H, W)),
+    flattened in volume order, ready to be gathered by index on ``device``.
 
-    Order: vol0:p0..p(S-1), vol1:p0..p(S-1), ...; the batch holds m * S images.
+    ``resident`` tells whether the slices were copied to the device (when they fit
+    ``budget`` bytes, by default :func:`default_budget`) or are gathered on the host per batch.
     """
 
     def __init__(
         self,
         volumes: Sequence[np.ndarray],
-        partitions: int,
-        volumes_per_batch: int,
-        rng: np.random.Generator,
-        names: Sequence[str] | None = None,
-    ) -> None:
-        _check_volumes(volumes)
-        if not 1 <= volumes_per_batch <= len(volumes):
-            raise ValueError(
-                f"volumes_per_batch must be in 1..{len(volumes)} (the number of volumes), "
-                f"got {volumes_per_batch}"
-            )
-        bounds = []
-        for i, v in enumerate(volumes):
-            try:
-                bounds.append(partition_bounds(v.shape[0], partitions))
-            except InputError as err:
-                raise InputError(names[i] if names else f"volume {i}", err.problem) from None
-        self.volumes = volumes
-        self.partitions = partitions
-        self.volumes_per_batch = volumes_per_batch
-        self.rng = rng
-        self._lo = np.stack([b[:-1] for b in bounds])  # (V, S)
-        self._hi = np.stack([b[1:] for b in bounds])
-
-    def sample(self) -> SliceBatch:
-        m, s = self.volumes_per_batch, self.partitions
-        vol = np.repeat(self.rng.choice(len(self.volumes), size=m, replace=False), s)
-        part = np.tile(np.arange(s), m)
-        sl = self.rng.integers(self._lo[vol, part], self._hi[vol, part])
-        return SliceBatch(
-            images=_gather(self.volumes, vol, sl),
-            volume_ids=torch.from_numpy(vol.astype(np.int64)),
-            partition_ids=torch.from_numpy(part.astype(np.int64)),
-            slice_ids=torch.from_numpy(sl.astype(np.int64)),
-        )
-
-
-class RandomSliceSampler:
-    """``batch_size`` slices drawn uniformly with replacement from all slices (G^R, L^R, FT)."""
-
-    def __init__(
-        self,
-        volumes: Sequence[np.ndarray],
-        batch_size: int,
-        rng: np.random.Generator,
         labels: Sequence[np.ndarray] | None = None,
-        partitions: int = 1,
+        device: torch.device | str = "cpu",
+        budget: int | None = None,
     ) -> None:
-        _check_volumes(volumes)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if partitions < 1:
-            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        if len(volumes) == 0:
+            raise ValueError("no volumes to sample from")
+        shapes = {tuple(v.shape[1:]) for v in volumes}
+        if len(shapes) != 1 or any(v.ndim != 4 for v in volumes):
+            raise ValueError(
+                f"volumes must be (Z, C, H, W) with one (C, H, W); got {sorted(shapes)}"
+            )
         if labels is not None and (
             len(labels) != len(volumes)
             or any(
@@ -122,40 +103,175 @@ class RandomSliceSampler:
             )
         ):
             raise ValueError("labels must match volumes: one (Z, H, W) per (Z, C, H, W)")
+        self.device = torch.device(device)
         self.volumes = volumes
         self.labels = labels
-        self.batch_size = batch_size
-        self.partitions = partitions
-        self.rng = rng
-        sizes = np.array([v.shape[0] for v in volumes])
-        self._vol = np.repeat(np.arange(len(volumes)), sizes)
-        self._slice = np.concatenate([np.arange(n) for n in sizes])
-        width = np.maximum(sizes // partitions, 1)[self._vol]
-        self._part = np.minimum(self._slice // width, partitions - 1)
+        self.sizes = torch.tensor([v.shape[0] for v in volumes])
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes  # flat index of each slice 0
+        self.slice_shape = tuple(volumes[0].shape[1:])
+        per_slice = 4 * int(np.prod(self.slice_shape))
+        if labels is not None:
+            per_slice += int(np.prod(self.slice_shape[1:]))
+        limit = default_budget(self.device) if budget is None else budget
+        self.resident = per_slice * len(self) <= limit
+        self._images: Tensor | None = None
+        self._labels: Tensor | None = None
+        if self.resident:
+            stack = np.concatenate([np.asarray(v, np.float32) for v in volumes])
+            self._images = torch.from_numpy(stack).to(self.device)
+            if labels is not None:
+                stack = np.concatenate([np.asarray(lab, np.uint8) for lab in labels])
+                self._labels = torch.from_numpy(stack).to(self.device)
 
-    def sample(self) -> SliceBatch:
-        idx = self.rng.integers(0, len(self._vol), size=self.batch_size)
-        vol, sl = self._vol[idx], self._slice[idx]
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def to_device(self, tensor: Tensor) -> Tensor:
+        """A small CPU tensor on the pool's device without waiting for the device."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def batch(self, vol: Tensor, part: Tensor, sl: Tensor) -> SliceBatch:
+        """The :class:`SliceBatch` of slices ``sl`` of volumes ``vol`` (CPU int64 tensors)."""
+        flat = self.starts[vol] + sl
+        ids = self.to_device(torch.stack([flat, vol, part, sl]))
+        if self._images is not None:
+            images = self._images.index_select(0, ids[0])
+            labels = None if self._labels is None else self._labels.index_select(0, ids[0])
+        else:
+            images, labels = self._gather_on_host(vol, sl)
+        return SliceBatch(images, ids[1], ids[2], ids[3], None if labels is None else labels.long())
+
+    def _gather_on_host(self, vol: Tensor, sl: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Slices read from the cache files into (pinned, for a GPU) host memory, then copied
+        without waiting for the device."""
+        pin = self.device.type == "cuda"
+        images = torch.empty((len(vol), *self.slice_shape), pin_memory=pin)
         labels = None
         if self.labels is not None:
-            lab = np.stack([np.asarray(self.labels[v][z]) for v, z in zip(vol, sl, strict=True)])
-            labels = torch.from_numpy(lab.astype(np.int64))
-        return SliceBatch(
-            images=_gather(self.volumes, vol, sl),
-            volume_ids=torch.from_numpy(vol.astype(np.int64)),
-            partition_ids=torch.from_numpy(self._part[idx].astype(np.int64)),
-            slice_ids=torch.from_numpy(sl.astype(np.int64)),
-            labels=labels,
-        )
+            shape = (len(vol), *self.slice_shape[1:])
+            labels = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        image_rows = images.numpy()  # views: the memory maps are copied straight in
+        label_rows = None if labels is None else labels.numpy()
+        for i, (v, z) in enumerate(zip(vol.tolist(), sl.tolist(), strict=True)):
+            image_rows[i] = self.volumes[v][z]
+            if label_rows is not None and self.labels is not None:
+                label_rows[i] = self.labels[v][z]
+        images = images.to(self.device, non_blocking=pin)
+        return images, None if labels is None else labels.to(self.device, non_blocking=pin)
 
 
-def rank_volumes(draw: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+def _check_share(batch: int, rank: int, world_size: int) -> None:
+    if batch < 1:
+        raise ValueError(f"the batch must hold at least one image, got {batch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+
+
+class PartitionSampler:
+    """m distinct volumes x S partitions, one uniformly random slice per partition (G^D, L^D).
+
+    Order: vol0:p0..p(S-1), vol1:p0..p(S-1), ...; the batch holds m * S images. With several
+    ranks, m is per rank and the ranks hold ``world_size * m`` distinct volumes together.
+    """
+
+    def __init__(
+        self,
+        pool: SlicePool,
+        partitions: int,
+        volumes_per_batch: int,
+        generator: torch.Generator,
+        names: Sequence[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        _check_share(volumes_per_batch, rank, world_size)
+        n_volumes = len(pool.volumes)
+        if world_size * volumes_per_batch > n_volumes:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
+            raise ValueError(
+                f"{volumes_per_batch} volumes per batch{ranks} need that many distinct volumes, "
+                f"but the pool has {n_volumes}"
+            )
+        bounds = []
+        for i, size in enumerate(pool.sizes.tolist()):
+            try:
+                bounds.append(partition_bounds(size, partitions))
+            except InputError as err:
+                raise InputError(names[i] if names else f"volume {i}", err.problem) from None
+        self.pool = pool
+        self.partitions = partitions
+        self.volumes_per_batch = volumes_per_batch
+        self.generator = generator
+        self.rank, self.world_size = rank, world_size
+        lo_hi = torch.from_numpy(np.stack(bounds))
+        self._lo, self._width = lo_hi[:, :-1], lo_hi[:, 1:] - lo_hi[:, :-1]  # (V, S)
+
+    def layout(self) -> tuple[Tensor, Tensor]:
+        """(volume ids, partition ids) of a batch of this rank as the losses see them: which
+        rows share a volume and which a partition is the same in every batch drawn."""
+        m, s = self.volumes_per_batch, self.partitions
+        volumes = torch.arange(self.rank * m, (self.rank + 1) * m)
+        return volumes.repeat_interleave(s), torch.arange(s).repeat(m)
+
+    def sample(self) -> SliceBatch:
+        m, s, g = self.volumes_per_batch, self.partitions, self.generator
+        draw = torch.randperm(len(self.pool.volumes), generator=g)[: self.world_size * m]
+        # one uniform per slot of the whole batch, so every rank's stream stays the same
+        u = torch.rand(self.world_size * m * s, generator=g, dtype=torch.float64)
+        vol = rank_volumes(draw, self.rank, self.world_size).repeat_interleave(s)
+        part = torch.arange(s).repeat(m)
+        u = u[self.rank * m * s : (self.rank + 1) * m * s]
+        sl = self._lo[vol, part] + (u * self._width[vol, part]).long()
+        return self.pool.batch(vol, part, sl)
+
+
+class RandomSliceSampler:
+    """``batch_size`` slices drawn uniformly with replacement from all slices (G^R, L^R, FT).
+
+    With several ranks, ``batch_size`` is per rank: the ranks share one draw of
+    ``world_size * batch_size`` slices.
+    """
+
+    def __init__(
+        self,
+        pool: SlicePool,
+        batch_size: int,
+        generator: torch.Generator,
+        partitions: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        _check_share(batch_size, rank, world_size)
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self.pool = pool
+        self.batch_size = batch_size
+        self.partitions = partitions
+        self.generator = generator
+        self.rank, self.world_size = rank, world_size
+        sizes = pool.sizes
+        self._vol = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        self._slice = torch.arange(len(pool)) - pool.starts[self._vol]
+        width = torch.clamp(sizes // partitions, min=1)[self._vol]
+        self._part = torch.clamp(self._slice // width, max=partitions - 1)
+
+    def sample(self) -> SliceBatch:
+        b = self.batch_size
+        idx = torch.randint(len(self.pool), (self.world_size * b,), generator=self.generator)
+        idx = idx[self.rank * b : (self.rank + 1) * b]
+        return self.pool.batch(self._vol[idx], self._part[idx], self._slice[idx])
+
+
+def rank_volumes(draw: ArrayT, rank: int, world_size: int) -> ArrayT:
     """Rank ``rank``'s m volumes out of one draw of ``world_size * m`` distinct volumes.
 
     Every rank makes the same seeded draw (one generator state shared by the ranks) and keeps
     the contiguous block ``draw[rank * m:(rank + 1) * m]``: the ranks then hold distinct volumes,
     so that G^D and L^D pair the same partition across ranks, and their batches concatenated in
-    rank order are the single-process batch of ``world_size * m`` volumes.
+    rank order are the single-process batch of ``world_size * m`` volumes. (A numpy array or a
+    CPU tensor.)
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
@@ -163,7 +279,7 @@ def rank_volumes(draw: np.ndarray, rank: int, world_size: int) -> np.ndarray:
         raise ValueError(
             f"the draw must be 1-D with a multiple of {world_size} volumes, got {draw.shape}"
         )
-    if len(np.unique(draw)) != len(draw):
+    if len(np.unique(np.asarray(draw))) != len(draw):
         raise ValueError("the draw repeats a volume, so two ranks could share it")
     m = len(draw) // world_size
     return draw[rank * m : (rank + 1) * m]

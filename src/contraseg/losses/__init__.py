@@ -5,20 +5,26 @@ lets data-parallel ranks compute the contrastive losses on their joint batch.
 """
 
 from contraseg.losses.distributed import (
+    all_gather_rows,
     all_gather_with_grad,
     gather_contrastive_batch,
     gather_ids,
 )
 from contraseg.losses.global_contrastive import (
     GLOBAL_STRATEGIES,
+    GlobalPairs,
     global_chance_level,
     global_contrastive_loss,
+    global_loss_from_pairs,
     global_pair_masks,
+    global_pairs,
 )
 from contraseg.losses.local_contrastive import (
     LOCAL_STRATEGIES,
+    check_neg_index,
     local_chance_level,
     local_contrastive_loss,
+    local_loss_from_pairs,
     local_pairs,
 )
 from contraseg.losses.segmentation import (
@@ -37,14 +43,20 @@ __all__ = [
     "IGNORE_LABEL",
     "LOCAL_STRATEGIES",
     "SEGMENTATION_LOSSES",
+    "GlobalPairs",
+    "all_gather_rows",
     "all_gather_with_grad",
+    "check_neg_index",
     "gather_contrastive_batch",
     "gather_ids",
     "global_chance_level",
     "global_contrastive_loss",
+    "global_loss_from_pairs",
     "global_pair_masks",
+    "global_pairs",
     "local_chance_level",
     "local_contrastive_loss",
+    "local_loss_from_pairs",
     "local_pairs",
     "official_class_weights",
     "one_hot",

@@ -77,6 +77,17 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of every rank's ``tensor`` in rank order, without gradient (masks, ids).
+    Identity without a process group."""
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return tensor
+    if tensor.dtype == torch.bool:  # gathered as bytes, which every backend carries
+        return _all_gather(tensor.to(torch.uint8), world_size).bool()
+    return _all_gather(tensor, world_size)
+
+
 def gather_ids(
     image_ids: IdLike,
     volume_ids: IdLike | None = None,

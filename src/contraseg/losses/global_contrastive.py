@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,21 +113,55 @@ def global_contrastive_loss(
         raise ValueError(f"z must be (B, D), got shape {tuple(z.shape)}")
     if len(image_ids) != z.shape[0]:
         raise ValueError(f"image_ids has {len(image_ids)} entries for {z.shape[0]} rows of z")
+    pairs = global_pairs(image_ids, volume_ids, partition_ids, strategy, z.device)
+    return global_loss_from_pairs(z, pairs, temperature)
+
+
+class GlobalPairs(NamedTuple):
+    """What the loss needs of the ids: the (B, B) negatives mask and the ordered positive pairs
+    as (P,) anchor and positive rows."""
+
+    negatives: Tensor
+    anchor: Tensor
+    positive: Tensor
+
+
+def global_pairs(
+    image_ids: IdLike,
+    volume_ids: IdLike | None = None,
+    partition_ids: IdLike | None = None,
+    strategy: str = "GR",
+    device: torch.device | str = "cpu",
+) -> GlobalPairs:
+    """The pairs of :func:`global_pair_masks`, found once for a batch layout that repeats.
+
+    Finding them checks the ids and waits for the device; a training loop whose batches share
+    one layout finds them once and calls :func:`global_loss_from_pairs`, which does neither.
+    """
+    positives, negatives = global_pair_masks(image_ids, volume_ids, partition_ids, strategy, device)
+    anchor, positive = positives.nonzero(as_tuple=True)
+    return GlobalPairs(negatives, anchor, positive)
+
+
+def global_loss_from_pairs(z: Tensor, pairs: GlobalPairs, temperature: float = 0.1) -> Tensor:
+    """:func:`global_contrastive_loss` of ``z`` (B, D) given its :func:`global_pairs`; nothing
+    here waits for the device, and every shape is fixed by B (what ``torch.compile`` and CUDA
+    graphs need)."""
+    if z.ndim != 2 or pairs.negatives.shape != (z.shape[0], z.shape[0]):
+        raise ValueError(
+            f"z must be (B, D) with B = {pairs.negatives.shape[0]}, got {tuple(z.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    positives, negatives = global_pair_masks(
-        image_ids, volume_ids, partition_ids, strategy, z.device
-    )
     dtype = torch.promote_types(z.dtype, torch.float32)
     with torch.autocast(device_type=z.device.type, enabled=False):
         unit = F.normalize(z.to(dtype), dim=1)
         sim = unit @ unit.T / temperature
         # log sum_{n in N(a)} exp(s(a, n)), one value per anchor, shared by its pairs.
-        neg_lse = torch.logsumexp(sim.masked_fill(~negatives, -math.inf), dim=1)
-        anchor, positive = positives.nonzero(as_tuple=True)
-        s_ap = sim[anchor, positive]
+        neg_lse = torch.logsumexp(sim.masked_fill(~pairs.negatives, -math.inf), dim=1)
+        s_ap = sim[pairs.anchor, pairs.positive]
         # index_select: anchors repeat, and its backward is reproducible on the CPU
-        return (torch.logaddexp(s_ap, neg_lse.index_select(0, anchor)) - s_ap).mean()
+        return (torch.logaddexp(s_ap, neg_lse.index_select(0, pairs.anchor)) - s_ap).mean()
 
 
 def global_chance_level(

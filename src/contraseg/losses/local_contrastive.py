@@ -103,7 +103,8 @@ def local_pairs(
     return first, second
 
 
-def _check_neg_index(neg_index: Tensor, n_regions: int) -> Tensor:
+def check_neg_index(neg_index: Tensor, n_regions: int) -> Tensor:
+    """``neg_index`` as int64 after checking it is an (A, n_neg) table of other regions."""
     if neg_index.ndim != 2 or neg_index.dtype.is_floating_point or neg_index.shape[1] < 1:
         raise ValueError(
             f"neg_index must be an integer (A, n_neg) tensor, got {tuple(neg_index.shape)}"
@@ -168,15 +169,38 @@ def local_contrastive_loss(
     batch, n_regions = embeddings.shape[0], embeddings.shape[1]
     if len(image_ids) != batch:
         raise ValueError(f"image_ids has {len(image_ids)} entries for {batch} feature maps")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
     if neg_index is None and n_regions < 2:
         raise ValueError(f"negatives='all' needs at least 2 regions per map, got {n_regions}")
     first, second = local_pairs(image_ids, volume_ids, partition_ids, strategy, embeddings.device)
     if neg_index is not None:
-        neg_index = _check_neg_index(neg_index.to(embeddings.device), n_regions)
+        neg_index = check_neg_index(neg_index.to(embeddings.device), n_regions)
     if valid is not None:
         valid = _check_valid(valid, batch, n_regions, embeddings.device)
+    return local_loss_from_pairs(embeddings, first, second, neg_index, temperature, valid)
+
+
+def local_loss_from_pairs(
+    embeddings: Tensor,
+    first: Tensor,
+    second: Tensor,
+    neg_index: Tensor | None = None,
+    temperature: float = 0.1,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """:func:`local_contrastive_loss` given the image pairs of :func:`local_pairs`, a
+    ``neg_index`` already passed through :func:`check_neg_index` and a checked ``valid``, all on
+    the embeddings' device.
+
+    Finding the pairs and checking the table wait for the device; a training loop whose
+    batches share one layout does both once and calls this, which waits for nothing and has
+    shapes fixed by the batch (what ``torch.compile`` and CUDA graphs need).
+    """
+    if embeddings.ndim != 3:
+        raise ValueError(f"embeddings must be (B, R, D), got shape {tuple(embeddings.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n_regions = embeddings.shape[1]
+    if valid is not None:
         own_ok, cross_ok, counted = _valid_negatives(valid, first, second, neg_index)
     dtype = torch.promote_types(embeddings.dtype, torch.float32)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -241,8 +265,16 @@ def masked_local_chance_level(
     batch, n_regions = valid.shape
     first, second = local_pairs(image_ids, volume_ids, partition_ids, strategy, valid.device)
     if neg_index is not None:
-        neg_index = _check_neg_index(neg_index.to(valid.device), n_regions)
+        neg_index = check_neg_index(neg_index.to(valid.device), n_regions)
     valid = _check_valid(valid, batch, n_regions, valid.device)
+    return masked_chance_from_pairs(valid, first, second, neg_index)
+
+
+def masked_chance_from_pairs(
+    valid: Tensor, first: Tensor, second: Tensor, neg_index: Tensor | None = None
+) -> Tensor:
+    """:func:`masked_local_chance_level` given the pairs and checked inputs, as
+    :func:`local_loss_from_pairs` takes them (nothing waits for the device)."""
     own_ok, cross_ok, counted = _valid_negatives(valid, first, second, neg_index)
     levels = torch.log1p((own_ok.sum(dim=2) + cross_ok.sum(dim=2)).float())
     return torch.where(counted, levels, 0.0).sum() / counted.sum().clamp(min=1)

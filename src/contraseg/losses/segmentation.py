@@ -45,7 +45,8 @@ class SegmentationLoss(Protocol):
     def __call__(self, logits: Tensor, target: Tensor, ignore: Tensor | None = None) -> Tensor: ...
 
 
-def _check(logits: Tensor, target: Tensor, ignore: Tensor | None) -> None:
+def _check(logits: Tensor, target: Tensor, ignore: Tensor | None, labels: bool = True) -> None:
+    """Shapes and dtypes; with ``labels`` also the label range, which waits for the device."""
     soft = target.dtype.is_floating_point
     if soft and target.ndim == 3:
         raise ValueError(
@@ -64,7 +65,12 @@ def _check(logits: Tensor, target: Tensor, ignore: Tensor | None) -> None:
         raise ValueError(
             f"target has {target.shape[1]} class channels, logits {logits.shape[1]} classes"
         )
-    if not soft and target.numel() and (target.min() < 0 or target.max() >= logits.shape[1]):
+    if (
+        labels
+        and not soft
+        and target.numel()
+        and (target.min() < 0 or target.max() >= logits.shape[1])
+    ):
         raise ValueError(
             f"target labels must be in 0..{logits.shape[1] - 1}, got "
             f"{int(target.min())}..{int(target.max())}"
@@ -101,10 +107,18 @@ def official_class_weights(num_classes: int) -> list[float]:
 
 
 def soft_dice_loss(
-    logits: Tensor, target: Tensor, include_background: bool = True, ignore: Tensor | None = None
+    logits: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    ignore: Tensor | None = None,
+    check_labels: bool = True,
 ) -> Tensor:
-    """1 - mean over images x classes of the soft Dice (module docstring)."""
-    _check(logits, target, ignore)
+    """1 - mean over images x classes of the soft Dice (module docstring).
+
+    ``check_labels=False`` skips the label-range check, which waits for the device: for a
+    training loop whose labels were checked once.
+    """
+    _check(logits, target, ignore, check_labels)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
         if target.dtype.is_floating_point:
@@ -126,10 +140,12 @@ def weighted_cross_entropy(
     target: Tensor,
     class_weights: Sequence[float] | None = None,
     ignore: Tensor | None = None,
+    check_labels: bool = True,
 ) -> Tensor:
     """Mean over pixels of ``sum_k w[k] * y_k * -log softmax(logits)_k`` (``w[y] * -log p[y]``
-    for integer labels); unweighted if weights is None; ignored pixels are left out."""
-    _check(logits, target, ignore)
+    for integer labels); unweighted if weights is None; ignored pixels are left out.
+    ``check_labels`` as in :func:`soft_dice_loss`."""
+    _check(logits, target, ignore, check_labels)
     if class_weights is not None and len(class_weights) != logits.shape[1]:
         raise ValueError(f"{len(class_weights)} class weights for {logits.shape[1]} classes")
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -152,12 +168,15 @@ def weighted_cross_entropy(
 
 
 def segmentation_loss(
-    name: str, num_classes: int, class_weights: Sequence[float] | None = None
+    name: str,
+    num_classes: int,
+    class_weights: Sequence[float] | None = None,
+    check_labels: bool = True,
 ) -> SegmentationLoss:
     """The loss called ``name`` (``FinetuneConfig.loss``) as ``f(logits, target, ignore=None)``.
 
     ``class_weights`` applies to the cross-entropy part; for ``"ce"`` it defaults to the
-    official weights, for ``"dice_ce"`` to none.
+    official weights, for ``"dice_ce"`` to none. ``check_labels`` as in :func:`soft_dice_loss`.
     """
     if name not in SEGMENTATION_LOSSES:
         raise ValueError(
@@ -173,8 +192,10 @@ def segmentation_loss(
 
     def loss(logits: Tensor, target: Tensor, ignore: Tensor | None = None) -> Tensor:
         if name in ("dice", "dice_fg"):
-            return soft_dice_loss(logits, target, name == "dice", ignore)
-        ce = weighted_cross_entropy(logits, target, weights, ignore)
-        return ce if name == "ce" else soft_dice_loss(logits, target, True, ignore) + ce
+            return soft_dice_loss(logits, target, name == "dice", ignore, check_labels)
+        ce = weighted_cross_entropy(logits, target, weights, ignore, check_labels)
+        if name == "ce":
+            return ce
+        return soft_dice_loss(logits, target, True, ignore, check_labels) + ce
 
     return loss

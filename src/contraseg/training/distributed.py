@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from contraseg.errors import InputError
+from contraseg.errors import InputError, TrainingError
 from contraseg.losses.distributed import rank_and_world_size
 
 T = TypeVar("T")
@@ -83,10 +83,15 @@ def init_distributed(device: torch.device) -> tuple[DistributedInfo, torch.devic
     """Join torchrun's process group; return who this rank is and the device it trains on.
 
     On CUDA each rank takes ``cuda:LOCAL_RANK``. Without torchrun (or with one rank) no group
-    is created and ``device`` is returned unchanged.
+    is created and ``device`` is returned unchanged. A group that already exists (a second
+    stage in the same process) is joined as it is.
     """
     info = torchrun_env()
     if not info.enabled:
+        return info, device
+    if dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
         return info, device
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
@@ -134,3 +139,40 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (``[obj]`` alone); pickled in memory between the
+    run's own ranks, like :func:`broadcast_object`."""
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class PeerFailed(TrainingError):
+    """Another rank stopped with an error (which that rank reports); this one stops too, with
+    the exit status that error has (2 for bad input, 1 otherwise)."""
+
+    def __init__(self, rank: int, message: str, status: int) -> None:
+        super().__init__(f"rank {rank} stopped: {message}")
+        self.status = status
+
+
+def agree(error: Exception | None) -> None:
+    """Every rank calls this at the same point with what it met (None: nothing); then every
+    rank raises: its own error, or :class:`PeerFailed` for the first rank that met one.
+
+    A rank that stopped alone would leave the others waiting for it in the next collective
+    until a timeout; this is the barrier where they learn of it instead. Alone, it raises
+    ``error`` if any.
+    """
+    shown = None if error is None else (str(error), 2 if isinstance(error, InputError) else 1)
+    reports = all_gather_object(shown)
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise PeerFailed(rank, *report)

@@ -21,25 +21,30 @@ from contraseg.config import PretrainJointRun
 from contraseg.data.augment import pretrain_view
 from contraseg.data.dataset import load_dataset
 from contraseg.losses import (
+    GlobalPairs,
+    check_neg_index,
     global_chance_level,
-    global_contrastive_loss,
+    global_loss_from_pairs,
+    global_pairs,
     local_chance_level,
-    local_contrastive_loss,
+    local_loss_from_pairs,
+    local_pairs,
 )
 from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import partial_state_dict
 from contraseg.training.stages import (
-    _prefixed,
-    _two_views,
     build_unet,
     local_embedder,
+    prefixed_state,
     pretraining_sampler,
+    two_view_ids,
 )
-from contraseg.training.trainer import Trainer
+from contraseg.training.trainer import Speed, Trainer
 
 
 class JointPretrainer(Trainer):
-    """Stage 1 and stage 2 at once; see the module docstring."""
+    """Stage 1 and stage 2 at once; see the module docstring. One process (no ``self.net``:
+    two batches and two heads do not fit one data-parallel module)."""
 
     stage = "pretrain-joint"
     config: PretrainJointRun
@@ -48,44 +53,69 @@ class JointPretrainer(Trainer):
         cfg = self.config
         prepared, split = load_dataset(cfg.data)
         glob, local = cfg.global_loss, cfg.local_loss
-        self.global_sampler, volumes = pretraining_sampler(
+        self.global_sampler = pretraining_sampler(
+            self,
             prepared,
             split,
             glob,
             glob.strategy == "GR",
             glob.volumes_per_batch * glob.partitions,
-            self.rng,
         )
-        self.local_sampler, _ = pretraining_sampler(
-            prepared, split, local, local.strategy == "LR", cfg.optim.batch_size, self.rng
+        self.local_sampler = pretraining_sampler(
+            self,
+            prepared,
+            split,
+            local,
+            local.strategy == "LR",
+            cfg.optim.batch_size,
+            pool=self.global_sampler.pool,
         )
         self.unet = build_unet(cfg.model, prepared)
-        height, width = volumes[0].shape[-2:]
+        height, width = self.global_sampler.pool.slice_shape[-2:]
         self.g1 = GlobalHead(
             self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
         )
         head = local_embedder(self.unet, local, cfg.model, height, width, section="local_loss")
-        self.embedder, self.neg_index = head.embedder, head.neg_index
+        self.embedder = head.embedder
+        regions = head.points.shape[0]
+        self.neg_index = None
+        if head.neg_index is not None:
+            self.neg_index = check_neg_index(head.neg_index.to(self.device), regions)
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1, "g2": self.embedder})
         self.model.to(self.device)
         decoder = self.unet.decoder[: local.decoder_blocks]
-        params = [
-            *self.unet.encoder.parameters(),
-            *decoder.parameters(),
-            *self.g1.parameters(),
-            *self.embedder.parameters(),
-        ]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr)
+        self.optimizer = self.adam(
+            [
+                *self.unet.encoder.parameters(),
+                *decoder.parameters(),
+                *self.g1.parameters(),
+                *self.embedder.parameters(),
+            ]
+        )
+        self.local_chance = local_chance_level(regions, self.neg_index)
+        # the pairs of both losses are the same in every batch: found at the first iteration
+        self.pairs: tuple[GlobalPairs, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.global_chance = 0.0
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         glob, local = cfg.global_loss, cfg.local_loss
-        global_batch, local_batch = self.global_sampler.sample(), self.local_sampler.sample()
-        images = global_batch.images.to(self.device, non_blocking=True)
+        if self.pairs is None:
+            ids = two_view_ids(self.global_sampler, self.device)
+            self.global_chance = global_chance_level(*ids, strategy=glob.strategy)
+            self.pairs = (
+                global_pairs(*ids, strategy=glob.strategy, device=self.device),
+                local_pairs(
+                    *two_view_ids(self.local_sampler, self.device),
+                    strategy=local.strategy,
+                    device=self.device,
+                ),
+            )
+        images = self.global_sampler.sample().images
         global_views = torch.cat(
             [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
         )
-        images = local_batch.images.to(self.device, non_blocking=True)
+        images = self.local_sampler.sample().images
         local_views = torch.cat(
             [
                 pretrain_view(images, cfg.augment, self.augment_generator, crop=False)
@@ -98,35 +128,28 @@ class JointPretrainer(Trainer):
         fmap = self.unet.decode(
             bottleneck[n:], [skip[n:] for skip in skips], blocks=local.decoder_blocks
         )
-        regions = self.embedder(fmap)
-
-        global_ids = _two_views(global_batch, global_views)
-        local_ids = _two_views(local_batch, local_views)
-        neg_index = None if self.neg_index is None else self.neg_index.to(self.device)
-        loss_global = global_contrastive_loss(
-            z, *global_ids, strategy=glob.strategy, temperature=glob.temperature
-        )
-        loss_local = local_contrastive_loss(
-            regions,
-            *local_ids,
-            strategy=local.strategy,
-            neg_index=neg_index,
-            temperature=local.temperature,
+        loss_global = global_loss_from_pairs(z, self.pairs[0], glob.temperature)
+        loss_local = local_loss_from_pairs(
+            self.embedder(fmap), *self.pairs[1], self.neg_index, local.temperature
         )
         stats = {
             "global": loss_global.detach(),
             "local": loss_local.detach(),
-            "chance_global": global_chance_level(*global_ids, strategy=glob.strategy),
-            "chance_local": local_chance_level(regions.shape[1], self.neg_index),
+            "chance_global": self.global_chance,
+            "chance_local": self.local_chance,
         }
         return loss_global + cfg.lambda_local * loss_local, stats  # type: ignore[return-value]
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         state = partial_state_dict(self.unet, True, self.config.local_loss.decoder_blocks)
-        return {**state, **_prefixed("g1", self.g1), **_prefixed("g2", self.embedder)}
+        return {**state, **prefixed_state("g1", self.g1), **prefixed_state("g2", self.embedder)}
 
 
 def run_pretrain_joint(
-    config: PretrainJointRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainJointRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return JointPretrainer(config, out, device).run(fresh)
+    return JointPretrainer(config, out, device, speed).run(fresh)

@@ -47,8 +47,8 @@ from contraseg.data.sampling import RandomSliceSampler
 from contraseg.errors import InputError
 from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import partial_state_dict
-from contraseg.training.stages import _prefixed, build_unet
-from contraseg.training.trainer import Trainer
+from contraseg.training.stages import build_unet, prefixed_state
+from contraseg.training.trainer import Speed, Trainer
 
 
 class PretextPretrainer(Trainer):
@@ -61,7 +61,9 @@ class PretextPretrainer(Trainer):
         cfg = self.config
         prepared, split = load_dataset(cfg.data)
         volumes = [case.image for case in require_cases(prepared, split, split.pretrain)]
-        self.sampler = RandomSliceSampler(volumes, cfg.optim.batch_size, self.rng)
+        self.sampler = RandomSliceSampler(
+            self.slice_pool(volumes), cfg.optim.batch_size, self.sample_generator
+        )
         self.size: tuple[int, int] = tuple(volumes[0].shape[-2:])  # type: ignore[assignment]
         task = cfg.pretext.task
         if task == "rotation":
@@ -89,12 +91,12 @@ class PretextPretrainer(Trainer):
                 sample_swaps(1, self.size, cfg.pretext.swaps, self.patch, torch.Generator())
             except ValueError as err:
                 raise InputError(None, f"pretext.swaps: {err}") from None
-        self.optimizer = torch.optim.Adam(trained, lr=cfg.optim.lr)
+        self.optimizer = self.adam(trained)
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         pretext = cfg.pretext
-        images = self.sampler.sample().images.to(self.device, non_blocking=True)
+        images = self.sampler.sample().images
         if pretext.augment:
             images = pretrain_view(images, cfg.augment, self.augment_generator)
         batch = images.shape[0]
@@ -110,8 +112,11 @@ class PretextPretrainer(Trainer):
             )
             mask = box_mask(boxes, self.size).to(self.device)
             restored = self.unet(inpaint(images, mask)).float()
-            inside = mask[:, None].expand_as(restored)
-            return F.mse_loss(restored[inside], images.float()[inside]), {}
+            # the mean squared error over the masked pixels, without indexing by the mask
+            # (which would wait for the device)
+            inside = mask[:, None].expand_as(restored).float()
+            error = ((restored - images.float()) ** 2 * inside).sum()
+            return error / inside.sum().clamp(min=1), {}
         swaps = sample_swaps(batch, self.size, pretext.swaps, self.patch, self.augment_generator)
         restored = self.unet(swap_patches(images, swaps, self.patch)).float()
         return F.mse_loss(restored, images.float()), {}
@@ -121,11 +126,15 @@ class PretextPretrainer(Trainer):
         blocks = 0 if cfg.pretext.task == "rotation" else cfg.pretext.decoder_blocks
         return {
             **partial_state_dict(self.unet, True, blocks),
-            **_prefixed("pretext_head", self.head),
+            **prefixed_state("pretext_head", self.head),
         }
 
 
 def run_pretrain_pretext(
-    config: PretrainPretextRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainPretextRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return PretextPretrainer(config, out, device).run(fresh)
+    return PretextPretrainer(config, out, device, speed).run(fresh)

@@ -42,7 +42,7 @@ from contraseg.inference import Segmenter, slice_probabilities
 from contraseg.inference.bundle import read_bundle
 from contraseg.losses import IGNORE_LABEL, split_ignored
 from contraseg.training.stages import Finetuner, SliceSource
-from contraseg.training.trainer import LOCK, MARKER, RunLock, _remove_empty
+from contraseg.training.trainer import MARKER, RunLock, Speed, claim_run_dir, remove_empty
 
 PRODUCTS = ("weights.safetensors", "model.json", "config.yaml", "self_training.json")
 
@@ -123,7 +123,7 @@ class MixedSampler:
     def __init__(self, labelled: RandomSliceSampler, pseudo: RandomSliceSampler) -> None:
         self.labelled = labelled
         self.pseudo = pseudo
-        self.offset = len(labelled.volumes)
+        self.offset = len(labelled.pool.volumes)
 
     def sample(self) -> SliceBatch:
         a, b = self.labelled.sample(), self.pseudo.sample()
@@ -143,9 +143,14 @@ class SelfTrainingRound(Finetuner):
     stage = "self-training"
 
     def __init__(
-        self, config: FinetuneRun, run_dir: str | Path, device: str, pseudo: PseudoLabels
+        self,
+        config: FinetuneRun,
+        run_dir: str | Path,
+        device: str,
+        pseudo: PseudoLabels,
+        speed: Speed | None = None,
     ) -> None:
-        super().__init__(config, run_dir, device)
+        super().__init__(config, run_dir, device, speed)
         self.pseudo = pseudo
 
     def train_sampler(self, train: list[PreparedCase], split: Split) -> SliceSource:
@@ -153,13 +158,14 @@ class SelfTrainingRound(Finetuner):
         ft = self.config.finetune
         n_labelled, n_pseudo = batch_split(self.config.optim.batch_size, ft.pseudo_fraction)
         labelled = RandomSliceSampler(
-            [case.image for case in train],
+            self.slice_pool([case.image for case in train], [case.label for case in train]),
             n_labelled,
-            self.rng,
-            labels=[case.label for case in train],
+            self.sample_generator,
         )
         pseudo = RandomSliceSampler(
-            list(self.pseudo.images), n_pseudo, self.rng, labels=list(self.pseudo.labels)
+            self.slice_pool(list(self.pseudo.images), list(self.pseudo.labels)),
+            n_pseudo,
+            self.sample_generator,
         )
         return MixedSampler(labelled, pseudo)
 
@@ -167,29 +173,16 @@ class SelfTrainingRound(Finetuner):
         return split_ignored(labels)
 
 
-def _claim(out: Path) -> tuple[list[Path], RunLock]:
-    """Refuse a folder that is neither new, empty nor a run directory; create and lock it."""
-    if out.is_dir():
-        names = {path.name for path in out.iterdir()}
-        if names - {LOCK} and MARKER not in names:
-            raise InputError(
-                out,
-                f"is not empty and is not a contraseg run directory (it has no {MARKER}); "
-                "give a new or empty folder",
-            )
-    created = [p for p in (out, *out.parents) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)
-    lock.acquire()
-    return created, lock
-
-
 def _rounds(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("round-*") if (p / MARKER).is_file())
 
 
 def run_self_training(
-    config: FinetuneRun, out: str | Path, device: str = "auto", fresh: bool = False
+    config: FinetuneRun,
+    out: str | Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
     """Round 0 and ``finetune.self_training_rounds`` self-training rounds in ``out``."""
     out = fileio.check_out_dir(out)
@@ -197,7 +190,8 @@ def run_self_training(
     if ft.self_training_rounds < 1:
         raise ValueError("run_self_training needs finetune.self_training_rounds >= 1")
     batch_split(config.optim.batch_size, ft.pseudo_fraction)  # refused before anything runs
-    created, lock = _claim(out)
+    lock = RunLock(out)
+    created = claim_run_dir(out, lock)
     try:
         if fresh:
             for folder in _rounds(out):
@@ -214,19 +208,19 @@ def run_self_training(
                     None, f"self-training handles up to {IGNORE_LABEL} classes (uint8 label maps)"
                 )
             cases = require_cases(prepared, split, unlabelled_pool(split, labelled))
-            previous = Finetuner(config, out / "round-0", device).run()
+            previous = Finetuner(config, out / "round-0", device, speed).run()
         except BaseException:
             if fresh_marker and not _rounds(out):  # a failed start leaves nothing
                 (out / MARKER).unlink(missing_ok=True)
                 lock.release()
-                _remove_empty(created)
+                remove_empty(created)
             raise
         history = [_round_record(previous, None)]
         for number in range(1, ft.self_training_rounds + 1):
             segmenter = Segmenter.from_pretrained(previous, device=device)
             pseudo = pseudo_label(segmenter, cases, ft.pseudo_threshold)
             run_dir = out / f"round-{number}"
-            previous = SelfTrainingRound(config, run_dir, device, pseudo).run()
+            previous = SelfTrainingRound(config, run_dir, device, pseudo, speed).run()
             history.append(_round_record(previous, pseudo))
         for name in ("weights.safetensors", "model.json"):
             with fileio.atomic_path(out / name) as tmp:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -44,20 +44,27 @@ from contraseg.data.cache import PreparedCase, PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.mixup import mixup, sample_mixup
 from contraseg.data.readers import get_reader
-from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch
+from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SliceBatch, SlicePool
 from contraseg.data.splits import Split
 from contraseg.errors import InputError
 from contraseg.evaluation.evaluate import mean_case_dice
 from contraseg.inference import Architecture, ModelBundle, Preprocessing, Provenance, Segmenter
 from contraseg.losses import (
+    GlobalPairs,
+    all_gather_rows,
+    all_gather_with_grad,
+    check_neg_index,
+    gather_ids,
     global_chance_level,
-    global_contrastive_loss,
+    global_loss_from_pairs,
+    global_pairs,
     local_chance_level,
-    local_contrastive_loss,
+    local_loss_from_pairs,
+    local_pairs,
     one_hot,
     segmentation_loss,
 )
-from contraseg.losses.local_contrastive import masked_local_chance_level
+from contraseg.losses.local_contrastive import masked_chance_from_pairs
 from contraseg.models.heads import (
     GlobalHead,
     LocalEmbedder,
@@ -68,7 +75,7 @@ from contraseg.models.heads import (
 )
 from contraseg.models.unet import UNet, load_partial, partial_state_dict
 from contraseg.training.checkpoint import load_weights, save_weights
-from contraseg.training.trainer import Trainer
+from contraseg.training.trainer import Speed, Trainer
 
 
 class SliceSource(Protocol):
@@ -117,30 +124,53 @@ def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = 
 
 
 def pretraining_sampler(
+    trainer: Trainer,
     prepared: PreparedDataset,
     split: Split,
     loss: GlobalLossConfig | LocalLossConfig,
     random_slices: bool,
     batch_size: int,
-    rng: np.random.Generator,
-) -> tuple[RandomSliceSampler | PartitionSampler, list[np.ndarray]]:
-    """The sampler of the pre-training pool: random slices (G^R, L^R) or ``m`` volumes x ``S``
-    partitions (G^D-, G^D, L^D); also returns the pool's volumes."""
+    pool: SlicePool | None = None,
+) -> RandomSliceSampler | PartitionSampler:
+    """The sampler of the pre-training pool, on the trainer's device and rank: random slices
+    (G^R, L^R) or ``m`` volumes x ``S`` partitions (G^D-, G^D, L^D); batch sizes are per rank.
+    ``pool``: the pre-training volumes already in a pool (two samplers can share one)."""
     cases = require_cases(prepared, split, split.pretrain)
-    volumes = [case.image for case in cases]
+    pool = pool or trainer.slice_pool([case.image for case in cases])
+    rank = {"rank": trainer.rank, "world_size": trainer.world_size}
     if random_slices:
-        return RandomSliceSampler(volumes, batch_size, rng, partitions=loss.partitions), volumes
+        return RandomSliceSampler(
+            pool, batch_size, trainer.sample_generator, partitions=loss.partitions, **rank
+        )
     try:
-        sampler = PartitionSampler(
-            volumes,
+        return PartitionSampler(
+            pool,
             loss.partitions,
             loss.volumes_per_batch,
-            rng,
+            trainer.sample_generator,
             names=[str(c.image_path) for c in cases],
+            **rank,
         )
     except ValueError as err:
         raise InputError(None, f"loss.volumes_per_batch: {err}") from None
-    return sampler, volumes
+
+
+def two_view_ids(
+    sampler: RandomSliceSampler | PartitionSampler, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The (image, volume, partition) ids the contrastive losses see for this sampler's
+    batches stacked as [view 1 | view 2]: every rank's rows in rank order (``gather_ids``).
+
+    Which rows are views of one image, share a volume or a partition is the same in every
+    batch (m distinct volumes x S partitions, or images alone for G^R and L^R, which need no
+    volume ids), so the losses' pairs are found once from these ids; that search waits for
+    the device, the loss on the pairs does not. Every rank must call this (it gathers).
+    """
+    if isinstance(sampler, PartitionSampler):
+        volumes, partitions = sampler.layout()
+        images = torch.arange(len(volumes)).repeat(2)
+        return gather_ids(images, volumes.repeat(2), partitions.repeat(2), device)
+    return gather_ids(torch.arange(sampler.batch_size).repeat(2), device=device)
 
 
 @dataclass(frozen=True)
@@ -186,22 +216,35 @@ def local_embedder(
     )
 
 
-def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+def prefixed_state(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s tensors under ``prefix.``: how a head (g1, g2) is stored beside the UNet."""
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def _two_views(
-    batch: SliceBatch, views: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ids for a batch stacked as [view 1 | view 2]: (image_ids, volume_ids, partition_ids)."""
-    n = batch.images.shape[0]
-    device = views.device
-    image_ids = torch.arange(n, device=device).repeat(2)
-    return (
-        image_ids,
-        batch.volume_ids.to(device).repeat(2),
-        batch.partition_ids.to(device).repeat(2),
-    )
+class GlobalNet(nn.Module):
+    """Images to global embeddings, ``g1(e(x))``: the network that trains in stage 1."""
+
+    def __init__(self, unet: UNet, g1: GlobalHead) -> None:
+        super().__init__()
+        self.unet, self.g1 = unet, g1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.g1(self.unet.encode(images)[0])
+
+
+class LocalNet(nn.Module):
+    """Images to region embeddings through the frozen ``e``, ``d_1..d_l`` and ``g2``: the
+    network that trains in stage 2."""
+
+    def __init__(self, unet: UNet, embedder: LocalEmbedder, blocks: int) -> None:
+        super().__init__()
+        self.unet, self.embedder, self.blocks = unet, embedder, blocks
+
+    def forward(self, images: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
+        """``points``: each image's region sampling points (views with their own transform)."""
+        with torch.no_grad():
+            bottleneck, skips = self.unet.encode(images)
+        return self.embedder(self.unet.decode(bottleneck, skips, blocks=self.blocks), points)
 
 
 class GlobalPretrainer(Trainer):
@@ -219,34 +262,38 @@ class GlobalPretrainer(Trainer):
         prepared, split = load_dataset(cfg.data)
         loss_cfg = cfg.loss
         batch = loss_cfg.volumes_per_batch * loss_cfg.partitions
-        self.sampler, volumes = pretraining_sampler(
-            prepared, split, loss_cfg, loss_cfg.strategy == "GR", batch, self.rng
+        self.sampler = pretraining_sampler(
+            self, prepared, split, loss_cfg, loss_cfg.strategy == "GR", batch
         )
         self.unet = build_unet(cfg.model, prepared)
-        height, width = volumes[0].shape[-2:]
+        self.unet.decoder.requires_grad_(False)  # not part of stage 1
+        self.unet.head.requires_grad_(False)
+        height, width = self.sampler.pool.slice_shape[-2:]
         self.g1 = GlobalHead(
             self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
-        params = [*self.unet.encoder.parameters(), *self.g1.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr)
+        self.net = GlobalNet(self.unet, self.g1)
+        self.optimizer = self.adam([*self.unet.encoder.parameters(), *self.g1.parameters()])
+        self.pairs: GlobalPairs | None = None  # found at the first iteration (they gather)
+        self.chance = math.nan
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
+        if self.pairs is None:
+            ids = two_view_ids(self.sampler, self.device)
+            self.pairs = global_pairs(*ids, strategy=cfg.loss.strategy, device=self.device)
+            self.chance = global_chance_level(*ids, strategy=cfg.loss.strategy)
+        images = self.sampler.sample().images
         views = torch.cat(
             [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
         )
-        z = self.g1(self.unet.encode(views)[0])
-        ids = _two_views(batch, views)
-        loss = global_contrastive_loss(
-            z, *ids, strategy=cfg.loss.strategy, temperature=cfg.loss.temperature
-        )
-        return loss, {"chance": global_chance_level(*ids, strategy=cfg.loss.strategy)}
+        z = all_gather_with_grad(self.net(views))
+        loss = global_loss_from_pairs(z, self.pairs, cfg.loss.temperature)
+        return loss, {"chance": self.chance}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
-        return {**partial_state_dict(self.unet), **_prefixed("g1", self.g1)}
+        return {**partial_state_dict(self.unet), **prefixed_state("g1", self.g1)}
 
 
 class LocalPretrainer(Trainer):
@@ -263,63 +310,67 @@ class LocalPretrainer(Trainer):
         cfg = self.config
         loss_cfg = cfg.loss
         prepared, split = load_dataset(cfg.data)
-        self.sampler, volumes = pretraining_sampler(
-            prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size, self.rng
+        self.sampler = pretraining_sampler(
+            self, prepared, split, loss_cfg, loss_cfg.strategy == "LR", cfg.optim.batch_size
         )
         self.unet = build_unet(cfg.model, prepared)
         load_pretrained(self.unet, cfg.encoder, "encoder")
-        self.unet.encoder.requires_grad_(False)
+        self.unet.requires_grad_(False)  # only d_1..d_l (and g2) train
+        blocks = loss_cfg.decoder_blocks
+        self.unet.decoder[:blocks].requires_grad_(True)
         if loss_cfg.encoder_bn == "batch":
             for module in self.unet.encoder.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     # in train mode: batch statistics, running ones neither used nor updated
                     module.track_running_stats = False
 
-        height, width = volumes[0].shape[-2:]
+        height, width = self.sampler.pool.slice_shape[-2:]
         local = local_embedder(self.unet, loss_cfg, cfg.model, height, width)
-        self.embedder, self.neg_index = local.embedder, local.neg_index
-        self.fmap_size, self.region_points = local.fmap_size, local.points
+        self.embedder, self.fmap_size = local.embedder, local.fmap_size
+        self.region_points = local.points.to(self.device)
         self.model = nn.ModuleDict({"unet": self.unet, "g2": self.embedder}).to(self.device)
-        blocks = loss_cfg.decoder_blocks
+        self.net = LocalNet(self.unet, self.embedder, blocks)
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
-        self.optimizer = torch.optim.Adam([*decoder, *self.embedder.parameters()], lr=cfg.optim.lr)
+        self.optimizer = self.adam([*decoder, *self.embedder.parameters()])
+        regions = local.points.shape[0]
+        self.neg_index = None
+        if local.neg_index is not None:
+            self.neg_index = check_neg_index(local.neg_index.to(self.device), regions)
+        self.chance = local_chance_level(regions, self.neg_index)
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # at the first iteration
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.config
+        if self.pairs is None:
+            ids = two_view_ids(self.sampler, self.device)
+            self.pairs = local_pairs(*ids, strategy=cfg.loss.strategy, device=self.device)
         if cfg.loss.encoder_bn == "frozen":
             self.unet.encoder.eval()  # batch norm included (see the module docstring)
-        batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
+        images = self.sampler.sample().images
         gen = self.augment_generator
-        points = None
         if cfg.loss.views == "aligned":
             views = torch.cat(
                 [pretrain_view(images, cfg.augment, gen, crop=False) for _ in range(2)]
             )
-        else:
-            (view1, theta1), (view2, theta2) = (
-                transformed_view(images, cfg.augment, gen) for _ in range(2)
+            regions = all_gather_with_grad(self.net(views))
+            loss = local_loss_from_pairs(
+                regions, *self.pairs, self.neg_index, temperature=cfg.loss.temperature
             )
-            views = torch.cat([view1, view2])
-            points = view_points(self.region_points, torch.cat([theta1, theta2]))
-        with torch.no_grad():
-            bottleneck, skips = self.unet.encode(views)
-        fmap = self.unet.decode(bottleneck, skips, blocks=cfg.loss.decoder_blocks)
-        regions = self.embedder(fmap, points)
-        ids = _two_views(batch, views)
-        neg_index = None if self.neg_index is None else self.neg_index.to(self.device)
-        kwargs = {"strategy": cfg.loss.strategy, "neg_index": neg_index}
-        valid = None if points is None else points_inside(points, self.fmap_size).to(self.device)
-        loss = local_contrastive_loss(
-            regions, *ids, temperature=cfg.loss.temperature, valid=valid, **kwargs
+            return loss, {"chance": self.chance}
+        (view1, theta1), (view2, theta2) = (
+            transformed_view(images, cfg.augment, gen) for _ in range(2)
         )
-        if valid is None:
-            return loss, {"chance": local_chance_level(regions.shape[1], self.neg_index)}
-        return loss, {"chance": masked_local_chance_level(valid, *ids, **kwargs)}
+        points = view_points(self.region_points, torch.cat([theta1, theta2]))
+        regions = all_gather_with_grad(self.net(torch.cat([view1, view2]), points))
+        valid = all_gather_rows(points_inside(points, self.fmap_size))
+        loss = local_loss_from_pairs(
+            regions, *self.pairs, self.neg_index, cfg.loss.temperature, valid
+        )
+        return loss, {"chance": masked_chance_from_pairs(valid, *self.pairs, self.neg_index)}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         state = partial_state_dict(self.unet, True, self.config.loss.decoder_blocks)
-        return {**state, **_prefixed("g2", self.embedder)}
+        return {**state, **prefixed_state("g2", self.embedder)}
 
 
 class Finetuner(Trainer):
@@ -349,12 +400,20 @@ class Finetuner(Trainer):
                 )
         self.train_ids = tuple(labelled.train)
         self.num_classes = prepared.num_classes
+        for case in train:  # once here, so that the loss need not check every batch
+            if int(case.label.max()) >= self.num_classes:
+                raise InputError(
+                    case.label_path,
+                    f"holds label {int(case.label.max())}, but the dataset has "
+                    f"{self.num_classes} classes",
+                )
         self.sampler = self.train_sampler(train, split)
         self.unet = build_unet(cfg.model, prepared)
         self.transferred = self._initialise()
         self.model = self.unet.to(self.device)
-        self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg.optim.lr)
-        self.loss_fn = segmentation_loss(ft.loss, self.num_classes)
+        self.net = self.unet
+        self.optimizer = self.adam(self.unet.parameters())
+        self.loss_fn = segmentation_loss(ft.loss, self.num_classes, check_labels=False)
         self.bundle = self._bundle(prepared)
         self.segmenter = Segmenter([self.unet], [self.bundle], self.device)
         self.best_dice = -1.0
@@ -363,10 +422,11 @@ class Finetuner(Trainer):
     def train_sampler(self, train: list[PreparedCase], split: Split) -> SliceSource:
         """Batches of ``optim.batch_size`` labelled slices (self-training adds pseudo-labels)."""
         return RandomSliceSampler(
-            [case.image for case in train],
+            self.slice_pool([case.image for case in train], [case.label for case in train]),
             self.config.optim.batch_size,
-            self.rng,
-            labels=[case.label for case in train],
+            self.sample_generator,
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
     def _initialise(self) -> list[str]:
@@ -419,19 +479,18 @@ class Finetuner(Trainer):
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = self.sampler.sample()
-        images = batch.images.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
+        assert batch.labels is not None  # a labelled pool
         images, labels = finetune_augment(
-            images, labels, self.config.augment, self.augment_generator
+            batch.images, batch.labels, self.config.augment, self.augment_generator
         )
         target, ignore = self.targets(labels)
         alpha = self.config.finetune.mixup_alpha
         if alpha > 0:
-            lam, perm = sample_mixup(images.shape[0], alpha, self.rng)
+            lam, perm = sample_mixup(images.shape[0], alpha, self.augment_generator)
             images, target, ignore = mixup(
                 images, one_hot(target, self.num_classes), lam, perm, ignore
             )
-        return self.loss_fn(self.unet(images), target, ignore), {}
+        return self.loss_fn(self.net(images), target, ignore), {}
 
     def targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss's target and ignore mask for augmented labels (self-training adds one)."""
@@ -488,21 +547,35 @@ class Finetuner(Trainer):
 
 
 def run_pretrain_global(
-    config: PretrainGlobalRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainGlobalRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return GlobalPretrainer(config, out, device).run(fresh)
+    return GlobalPretrainer(config, out, device, speed).run(fresh)
 
 
 def run_pretrain_local(
-    config: PretrainLocalRun, out: Path, device: str = "auto", fresh: bool = False
+    config: PretrainLocalRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
 ) -> Path:
-    return LocalPretrainer(config, out, device).run(fresh)
+    return LocalPretrainer(config, out, device, speed).run(fresh)
 
 
-def run_finetune(config: FinetuneRun, out: Path, device: str = "auto", fresh: bool = False) -> Path:
+def run_finetune(
+    config: FinetuneRun,
+    out: Path,
+    device: str = "auto",
+    fresh: bool = False,
+    speed: Speed | None = None,
+) -> Path:
     """One fine-tune, or with ``finetune.self_training_rounds`` the self-training rounds."""
     if config.finetune.self_training_rounds:
         from contraseg.training.self_training import run_self_training  # it builds on Finetuner
 
-        return run_self_training(config, out, device, fresh)
-    return Finetuner(config, out, device).run(fresh)
+        return run_self_training(config, out, device, fresh, speed)
+    return Finetuner(config, out, device, speed).run(fresh)

@@ -14,10 +14,18 @@ overrides the hooks, in the manner of nnU-Net's trainer:
 - :meth:`summary` is the line printed when the stage ends.
 
 All randomness flows from three generators seeded by ``config.seed`` and saved in every
-checkpoint (numpy for sampling, a torch generator for augmentation, torch's global generator for
+checkpoint (a torch generator for sampling, one for augmentation, torch's global generator for
 initialisation), so that a resumed run on the CPU ends with the same weights as an uninterrupted
 one. The rules of a run directory (what is ours, locking, resume, failures) are in
 docs/training.md.
+
+Speed (docs/training.md, "Speed and several GPUs"): the loop never waits for the device
+between log, validation and checkpoint points; on CUDA it trains under bf16 autocast with
+channels-last weights, fused Adam and, for runs long enough to pay for the compilation,
+``torch.compile`` with CUDA graphs (:class:`Speed` chooses otherwise). Under
+``torchrun --nproc_per_node=N`` the stage's network (``self.net``) runs in
+``DistributedDataParallel``; every rank trains, rank 0 alone writes the run directory, and an
+error met by one rank stops all of them (:func:`~contraseg.training.distributed.agree`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,18 +44,21 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
 from contraseg import config as config_module
 from contraseg import fileio
+from contraseg.data.sampling import SlicePool
 from contraseg.errors import InputError, TrainingError
 from contraseg.inference.device import resolve_device
 from contraseg.training.checkpoint import (
@@ -55,6 +67,12 @@ from contraseg.training.checkpoint import (
     save_checkpoint,
     save_weights,
     schema_problem,
+)
+from contraseg.training.distributed import (
+    agree,
+    all_gather_object,
+    broadcast_object,
+    init_distributed,
 )
 
 try:
@@ -78,6 +96,46 @@ RUN_FOLDERS = ("checkpoints", "tensorboard", "evaluation")
 # disable=None: no bar when stderr is not a terminal (a log file, a pipe, a test); tqdm.auto's
 # notebook bar is a widget, not terminal output, so it stays on.
 _BAR_DISABLE = None if autonotebook.tqdm is std.tqdm else False
+
+
+# torch.compile is chosen by default on CUDA for runs with at least this many iterations left:
+# the iterations in which a faster step repays the compilation (bench/gpu.sh measures both).
+COMPILE_MIN_ITERATIONS = 2000
+# Where torch.compile's errors come from (see Trainer._compile_failure).
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+# Seeds of the ranks' augmentation generators lie this far apart (seeds are below 2**32).
+RANK_SEED_STRIDE = 2**33
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How a run uses its device; None: the default for the device. None of these changes what
+    is computed, only how fast and to what rounding (docs/training.md, "Speed and several
+    GPUs").
+
+    - ``compile``: ``torch.compile`` the stage's network (with CUDA graphs on one GPU); by
+      default on CUDA when at least ``COMPILE_MIN_ITERATIONS`` iterations are left.
+    - ``compile_backend``: torch.compile's backend, a name or a callable ("aot_eager" traces
+      without generating code, which is how the CPU tests check that the networks compile).
+    - ``autocast``: bf16 autocast of the forward pass (default on CUDA).
+    - ``channels_last``: convolution weights in channels-last layout (default on CUDA).
+    - ``fused_adam``: Adam's fused kernel (default on CUDA).
+    - ``pool_budget``: bytes the device-resident slice pool may take (default
+      ``contraseg.data.sampling.default_budget``); a larger pool is gathered on the host.
+    """
+
+    compile: bool | None = None
+    compile_backend: str | Callable[..., Any] = "inductor"
+    autocast: bool | None = None
+    channels_last: bool | None = None
+    fused_adam: bool | None = None
+    pool_budget: int | None = None
+
+
+def compile_by_default(device: torch.device, iterations_left: int) -> bool:
+    """Whether a run compiles its network when :class:`Speed` leaves it open: on CUDA, when
+    enough iterations are left to repay the compilation."""
+    return device.type == "cuda" and iterations_left >= COMPILE_MIN_ITERATIONS
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -151,7 +209,31 @@ def _describe_holder(text: str) -> str:
         return "another process"
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def claim_run_dir(run_dir: Path, lock: RunLock) -> list[Path]:
+    """Refuse a folder that is neither new, empty nor a run directory (it has no ``MARKER``);
+    create it and take ``lock``; return the folders created (deepest first)."""
+    if run_dir.is_dir():
+        try:
+            names = {path.name for path in run_dir.iterdir()}
+        except OSError as err:
+            raise InputError(run_dir, f"cannot list: {err.strerror}") from None
+        if names - {LOCK} and MARKER not in names:
+            raise InputError(
+                run_dir,
+                f"is not empty and is not a contraseg run directory (it has no {MARKER}); "
+                "give a new or empty folder",
+            )
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except BaseException:
+        remove_empty(created)
+        raise
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
     """Remove the folders this run created (deepest first) as long as they are empty."""
     for folder in folders:
         try:
@@ -161,17 +243,36 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 class Trainer:
-    """Base class of the stages; see the module docstring for the hooks."""
+    """Base class of the stages; see the module docstring for the hooks.
+
+    A stage's :meth:`setup` may also set ``self.net``, the module whose forward turns images
+    into what the loss takes (embeddings, logits) and holds every trained parameter: that is
+    the module data parallelism wraps and ``torch.compile`` compiles. Its parameters that never
+    get a gradient must have ``requires_grad`` False.
+    """
 
     stage = "train"
+    net: nn.Module | None = None
 
-    def __init__(self, config: Any, run_dir: str | Path, device: str = "auto") -> None:
+    def __init__(
+        self, config: Any, run_dir: str | Path, device: str = "auto", speed: Speed | None = None
+    ) -> None:
         self.config = config
         self.run_dir = fileio.check_out_dir(run_dir)
-        self.device = resolve_device(device)
+        info, self.device = init_distributed(resolve_device(device))
+        self.rank, self.world_size, self.is_main = info.rank, info.world_size, info.is_main
+        self.speed = speed or Speed()
+        cuda = self.device.type == "cuda"
+        self.autocast = cuda if self.speed.autocast is None else self.speed.autocast
+        self.channels_last = cuda if self.speed.channels_last is None else self.speed.channels_last
+        self.fused_adam = cuda if self.speed.fused_adam is None else self.speed.fused_adam
+        self.compiled = False  # decided when the loop starts, from the iterations left
+        self.cuda_graphs = False  # compiled with CUDA graphs (one GPU)
         self.iteration = 0
-        self.rng = np.random.default_rng(config.seed)
-        self.augment_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.sample_generator = torch.Generator().manual_seed(config.seed + 2)
+        self.augment_generator = torch.Generator().manual_seed(
+            config.seed + 1 + RANK_SEED_STRIDE * self.rank
+        )
         torch.manual_seed(config.seed)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
@@ -212,6 +313,16 @@ class Trainer:
         """The line printed on stdout when the stage has written its product."""
         return f"{self.stage}: done at iteration {self.iteration}; weights in {self.weights_path}"
 
+    # ---- what the stages build with --------------------------------------------------------
+
+    def adam(self, params: Iterable[nn.Parameter]) -> torch.optim.Adam:
+        """Adam at ``optim.lr``, fused where :class:`Speed` says so."""
+        return torch.optim.Adam(params, lr=self.config.optim.lr, fused=self.fused_adam or None)
+
+    def slice_pool(self, volumes: list[Any], labels: list[Any] | None = None) -> SlicePool:
+        """The volumes (and labels) on the training device, within the pool budget."""
+        return SlicePool(volumes, labels, self.device, self.speed.pool_budget)
+
     # ---- paths ---------------------------------------------------------------------------
 
     @property
@@ -234,87 +345,137 @@ class Trainer:
 
         Everything that can fail on bad input (the folder, the config, :meth:`setup`, the
         checkpoint) fails before the run directory is written to; a folder created for the run
-        is then removed again.
+        is then removed again. With several ranks, rank 0 alone touches the run directory.
         """
-        created = self._claim_run_dir()
+        created = self._on_main(self._claim_run_dir) or []
         try:
             try:
                 state, log = self._prepare(fresh)
             except BaseException as err:
                 self._lock.release()
-                _remove_empty(created)
-                if isinstance(err, KeyboardInterrupt):
+                remove_empty(created)
+                if isinstance(err, KeyboardInterrupt) and self.is_main:
                     print(f"{self.stage}: interrupted before training started", file=sys.stderr)
                 raise
             try:
                 self._begin(fresh, state, log)
                 self._loop()
-                weights = self.final_weights()
-                self._require_finite(weights, "the final weights")
-                save_weights(self.weights_path, weights)
-                self.write_products()
+                self._on_main(self._write_weights)
             except KeyboardInterrupt:
-                print(self._interrupted(fresh), file=sys.stderr)
+                if self.is_main:
+                    print(self._interrupted(fresh), file=sys.stderr)
                 raise
         finally:
             if self._writer is not None:
                 self._writer.close()
             self._lock.release()
-        print(self.summary())
+        if self.is_main:
+            print(self.summary())
         return self.run_dir
 
-    def _claim_run_dir(self) -> list[Path]:
-        """Refuse a folder that is not a run directory, create and lock the run directory;
-        return the folders created (deepest first)."""
-        run_dir = self.run_dir
-        if run_dir.is_dir():
+    def _on_main(self, work: Any) -> Any:
+        """``work()`` on rank 0 alone, the other ranks waiting; an error there stops every
+        rank (:func:`agree`). Returns what ``work`` returned (None on the other ranks)."""
+        result, error = None, None
+        if self.is_main:
             try:
-                names = {path.name for path in run_dir.iterdir()}
-            except OSError as err:
-                raise InputError(run_dir, f"cannot list: {err.strerror}") from None
-            if names - {LOCK} and MARKER not in names:
-                raise InputError(
-                    run_dir,
-                    f"is not empty and is not a contraseg run directory (it has no {MARKER}); "
-                    "give a new or empty folder",
-                )
-        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire()
-        except BaseException:
-            _remove_empty(created)
-            raise
-        return created
+                result = work()
+            except Exception as err:
+                error = err
+        agree(error)
+        return result
+
+    def _write_weights(self) -> None:
+        weights = self.final_weights()
+        self._require_finite(weights, "the final weights")
+        save_weights(self.weights_path, weights)
+        self.write_products()
+
+    def _claim_run_dir(self) -> list[Path]:
+        return claim_run_dir(self.run_dir, self._lock)
 
     def _prepare(self, fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
         """Check the config against the run's, :meth:`setup`, load and check the checkpoint
         and the log; return the checkpoint (None: start from scratch) and the log's new text
-        (None: unchanged)."""
-        resume = not fresh and self.checkpoint_path.exists()
-        if resume:
-            self._check_same_config(self.run_dir / "config.yaml")
+        (None: unchanged). Rank 0 does this first (it may prepare the dataset's cache), then
+        the other ranks set up and receive its checkpoint."""
+
+        def prepare() -> tuple[dict[str, Any] | None, str | None]:
+            resume = not fresh and self.checkpoint_path.exists()
+            if resume:
+                self._check_same_config(self.run_dir / "config.yaml")
+            self._set_up_model()
+            state = None
+            if resume:
+                state = load_checkpoint(self.checkpoint_path)
+                self._check_checkpoint(state)
+            log = None if fresh else self._resumed_log(state["iteration"] if state else 0)
+            return state, log
+
+        prepared = self._on_main(prepare)
+        if self.world_size == 1:
+            return prepared
+        error = None
+        if not self.is_main:
+            try:
+                self._set_up_model()
+            except Exception as err:
+                error = err
+        agree(error)
+        state = broadcast_object(prepared[0] if self.is_main else None)
+        return state, prepared[1] if self.is_main else None
+
+    def build(self) -> None:
+        """Set the stage up on its device and wrap its network, without a run directory: for
+        benchmarks and notebooks that call :meth:`train_step` themselves."""
+        self._set_up_model()
+        self._accelerate()
+
+    def _set_up_model(self) -> None:
         self.setup()
         self.model.to(self.device)
-        state = None
-        if resume:
-            state = load_checkpoint(self.checkpoint_path)
-            self._check_checkpoint(state)
-        log = None if fresh else self._resumed_log(state["iteration"] if state else 0)
-        return state, log
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def _begin(self, fresh: bool, state: dict[str, Any] | None, log: str | None) -> None:
-        """Write the run directory's files and restore the checkpoint, if any."""
-        if fresh:
-            self._clear_run()
-        fileio.write_text(self.run_dir / MARKER, f"contraseg {self.stage} run directory\n")
-        config_module.save_config(self.config, self.run_dir / "config.yaml")
+        """Write the run directory's files, restore the checkpoint, if any, and wrap the
+        network for the loop."""
+
+        def write() -> None:
+            if fresh:
+                self._clear_run()
+            fileio.write_text(self.run_dir / MARKER, f"contraseg {self.stage} run directory\n")
+            config_module.save_config(self.config, self.run_dir / "config.yaml")
+            if log is not None:
+                fileio.write_text(self.metrics_path, log)
+            self._trim_events(state["iteration"] if state else 0)
+
+        self._on_main(write)
         if state is not None:
             self._restore(state)
             self._saved_iteration = self.iteration
-        if log is not None:
-            fileio.write_text(self.metrics_path, log)
-        self._trim_events(self.iteration)
+        self._accelerate()
+
+    def _accelerate(self) -> None:
+        """``self.net`` in DistributedDataParallel with several ranks, then compiled where
+        :class:`Speed` (or its default) says so."""
+        if self.net is None:
+            if self.world_size > 1:
+                raise TrainingError(f"{self.stage}: the stage has no net to train data-parallel")
+            return
+        net = self.net
+        cuda = self.device.type == "cuda"
+        if self.world_size > 1:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
+        left = self.config.optim.iterations - self.iteration
+        choice = self.speed.compile
+        self.compiled = compile_by_default(self.device, left) if choice is None else choice
+        if self.compiled:
+            # CUDA graphs replay each step with one launch; with DDP its hooks need eager.
+            self.cuda_graphs = cuda and self.world_size == 1
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            net = torch.compile(net, backend=self.speed.compile_backend, mode=mode)
+        self.net = net
 
     def _clear_run(self) -> None:
         """``--fresh``: delete what a run writes, keep anything else the folder holds."""
@@ -335,29 +496,41 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
 
+    def train_step(self, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One iteration: the stage's loss under autocast, backward, Adam; waits for nothing."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, stats = self.compute_loss(iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss, stats
+
     def _loop(self) -> None:
         """Iterate without waiting for the device: the loss stays there until the next log,
         validation or checkpoint, where every loss since the last such point is checked."""
         optim = self.config.optim
         iterations = optim.iterations
-        use_autocast = self.device.type == "cuda"
         bar = tqdm(
             total=iterations,
             initial=self.iteration,
             desc=self.stage,
             unit="it",
             dynamic_ncols=True,
-            disable=_BAR_DISABLE,
+            disable=_BAR_DISABLE if self.is_main else True,
         )
         with bar, self._stop_at_ctrl_c():
             while self.iteration < iterations:
                 iteration = self.iteration + 1
-                self.model.train()
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                    loss, stats = self.compute_loss(iteration)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                try:
+                    loss, stats = self.train_step(iteration)
+                except Exception as err:
+                    failure = self._compile_failure(err)
+                    if failure is None:
+                        raise
+                    raise failure from err
                 self.iteration = iteration
                 self._pending.append(loss.detach())
                 bar.update(1)
@@ -373,23 +546,39 @@ class Trainer:
                 if log:
                     stats = {"loss": value, **{k: float(v) for k, v in stats.items()}}
                     if validate:
-                        stats.update(self.validate(iteration) or {})
-                    self.log(iteration, stats)
+                        stats.update(
+                            self._on_main(functools.partial(self.validate, iteration)) or {}
+                        )
+                    if self.is_main:
+                        self.log(iteration, stats)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()}, refresh=False)
                 if save:
                     self._save()
                 if self._stop_requested:
                     raise KeyboardInterrupt
 
+    def _compile_failure(self, err: Exception) -> TrainingError | None:
+        """An error of torch.compile's (it compiles at the first steps) as one line that says
+        how to train without it; None for any other error."""
+        if not (self.compiled and type(err).__module__.startswith(COMPILER_MODULES)):
+            return None
+        detail = " ".join(str(err).split())[:200]
+        return TrainingError(
+            f"{self.stage}: torch.compile failed ({type(err).__name__}: {detail}); "
+            "run the same command with --no-compile"
+        )
+
     @contextlib.contextmanager
     def _stop_at_ctrl_c(self) -> Iterator[None]:
         """The first Ctrl-C lets the current iteration finish and be checkpointed, so that an
         interrupted run loses nothing; a second one stops at once. Only where Python's own
-        handler is installed (the main thread, SIGINT not ignored)."""
+        handler is installed (the main thread, SIGINT not ignored) and with one rank: ranks
+        would see the signal at different iterations, so under torchrun it stops at once."""
         previous = signal.getsignal(signal.SIGINT)
         if (
             previous is not signal.default_int_handler
             or threading.current_thread() is not threading.main_thread()
+            or self.world_size > 1
         ):
             yield
             return
@@ -405,8 +594,14 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def _check_losses(self) -> float:
-        """Check the losses since the last check (one host sync); return the latest."""
-        values = torch.stack([loss.float().reshape(()) for loss in self._pending]).tolist()
+        """Check the losses since the last check (one host sync); return the latest. With
+        several ranks, the mean over ranks (fine-tuning's losses differ by rank), so that
+        every rank logs and stops alike."""
+        losses = torch.stack([loss.float().reshape(()) for loss in self._pending])
+        if self.world_size > 1:
+            dist.all_reduce(losses)
+            losses /= self.world_size
+        values = losses.tolist()
         first = self.iteration - len(values) + 1
         self._pending.clear()
         for offset, value in enumerate(values):
@@ -533,15 +728,20 @@ class Trainer:
                 "pass --fresh to start over or choose another --out",
             )
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, ranks: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
+        """The checkpoint; ``ranks`` holds every rank's (augmentation, torch) generator states,
+        by default this rank's repeated (the shape a checkpoint of this run has)."""
+        own = (self.augment_generator.get_state(), torch.get_rng_state())
+        ranks = ranks or [own] * self.world_size
         return {
             "stage": self.stage,
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng_numpy": self.rng.bit_generator.state,
-            "rng_augment": self.augment_generator.get_state(),
-            "rng_torch": torch.get_rng_state(),
+            "world_size": self.world_size,
+            "rng_sample": self.sample_generator.get_state(),
+            "rng_augment": torch.stack([augment for augment, _ in ranks]),
+            "rng_torch": torch.stack([global_ for _, global_ in ranks]),
             "extra": self.extra_state(),
         }
 
@@ -550,7 +750,9 @@ class Trainer:
         return _named_tensors(self.model.state_dict(), self.optimizer.state_dict())
 
     def _save(self) -> None:
-        save_checkpoint(self.checkpoint_path, self._state())
+        """Every rank's generators go into rank 0's checkpoint (every rank calls this)."""
+        ranks = all_gather_object((self.augment_generator.get_state(), torch.get_rng_state()))
+        self._on_main(lambda: save_checkpoint(self.checkpoint_path, self._state(ranks)))
         self._saved_iteration = self.iteration
 
     def _check_checkpoint(self, state: Any) -> None:
@@ -560,6 +762,14 @@ class Trainer:
                 self.checkpoint_path,
                 f"is a checkpoint of stage {stage!r}, not {self.stage!r}; "
                 "pass --fresh to start over or choose another --out",
+            )
+        world_size = state.get("world_size") if isinstance(state, dict) else None
+        if type(world_size) is int and world_size != self.world_size:
+            raise InputError(
+                self.checkpoint_path,
+                f"was written by a run of {world_size} processes and this run has "
+                f"{self.world_size}; resume it with torchrun --nproc_per_node={world_size} "
+                "(in all, over the nodes), or pass --fresh to start over",
             )
         problem = self._checkpoint_problem(state)
         if problem:
@@ -588,13 +798,10 @@ class Trainer:
         problem = self._optimizer_problem(optimizer)
         if problem:
             return problem
-        try:
-            type(self.rng.bit_generator)().state = state["rng_numpy"]
-        except (ValueError, TypeError, KeyError, OverflowError) as err:
-            return f"rng_numpy does not restore: {err}"
-        for key in ("rng_augment", "rng_torch"):
+        for key in ("rng_sample", "rng_augment", "rng_torch"):
             try:
-                torch.Generator().set_state(state[key])
+                for row in state[key].reshape(-1, state[key].shape[-1]):
+                    torch.Generator().set_state(row.clone())
             except (RuntimeError, TypeError) as err:
                 return f"{key} does not restore: {err}"
         name = first_non_finite(_named_tensors(state["model"], optimizer))
@@ -627,11 +834,30 @@ class Trainer:
         """Restore a checkpoint that :meth:`_check_checkpoint` accepted."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.bit_generator.state = state["rng_numpy"]
-        self.augment_generator.set_state(state["rng_augment"])
-        torch.set_rng_state(state["rng_torch"])
+        self._adapt_optimizer_state()
+        self.sample_generator.set_state(state["rng_sample"])
+        self.augment_generator.set_state(state["rng_augment"][self.rank].clone())
+        torch.set_rng_state(state["rng_torch"][self.rank].clone())
         self.iteration = state["iteration"]
         self.load_extra_state(state["extra"])
+
+    def _adapt_optimizer_state(self) -> None:
+        """Fit a loaded Adam state to this run: its fused choice (a checkpoint may come from a
+        run on another device), the step counter where that kernel keeps it, moments in their
+        parameter's memory layout (channels-last)."""
+        for group in self.optimizer.param_groups:
+            if "fused" not in group:
+                continue
+            group["fused"] = self.fused_adam or None
+            for param in group["params"]:
+                entry = self.optimizer.state.get(param, {})
+                for key, value in entry.items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if key == "step":
+                        entry[key] = value.to(param.device if self.fused_adam else "cpu")
+                    elif value.shape == param.shape:
+                        entry[key] = torch.empty_like(param).copy_(value)
 
 
 def _logged_iteration(line: str) -> int | None:

@@ -10,12 +10,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from contraseg import cli
 from contraseg.config import PrepareRun, load_config
 from contraseg.data.cache import PreparedDataset, prepare_dataset
-from contraseg.data.sampling import PartitionSampler, RandomSliceSampler
+from contraseg.data.sampling import PartitionSampler, RandomSliceSampler, SlicePool
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
@@ -196,14 +197,14 @@ def prepare_and_sample(
     for case in labelled:
         assert case.label.shape == (case.num_slices, *size)
         assert int(case.label.max()) < prepared.num_classes
-    rng = np.random.default_rng(0)
-    volumes = [c.image for c in labelled]
-    batch = RandomSliceSampler(volumes, 4, rng, labels=[c.label for c in labelled]).sample()
+    generator = torch.Generator().manual_seed(0)
+    pool = SlicePool([c.image for c in labelled], [c.label for c in labelled])
+    batch = RandomSliceSampler(pool, 4, generator).sample()
     assert batch.images.shape == (4, prepared.in_channels, *size)
     assert batch.labels is not None and batch.labels.shape == (4, *size)
     if min(c.num_slices for c in prepared.cases.values()) >= 2:
-        all_volumes = [c.image for c in prepared.cases.values()]
-        batch = PartitionSampler(all_volumes, 2, 2, rng).sample()
+        pool = SlicePool([c.image for c in prepared.cases.values()])
+        batch = PartitionSampler(pool, 2, 2, generator).sample()
         assert batch.images.shape == (4, prepared.in_channels, *size)
     return prepared
 
