@@ -2,7 +2,7 @@
 
 For each strategy, at the paper's sizes (global: 48 embeddings of 128; local: 24 feature maps of
 64 x 48 x 48, the 17-region official grid with 13 anchors, 3 x 3 regions), it times one forward
-+ backward of the vectorised loss and of the loop reference (``contraseg.losses.reference``) in
++ backward of the vectorised loss and of the loop reference (``tests/support/loop_oracles.py``) in
 the same process, and reports their ratio (target >= 20x). It also times one forward + backward
 of the UNet at 192 x 192 with the same batch and reports the loss as a fraction of it (target
 < 5%). The local timings include region extraction, which is part of the loss's cost.
@@ -16,21 +16,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
-from benchmarks_md import BENCHMARKS, machine, write_section
+from benchmarks_md import BENCHMARKS, ROOT, machine, write_section
 
 from contraseg.losses import global_contrastive_loss, local_contrastive_loss
-from contraseg.losses.reference import (
+from contraseg.models.heads import extract_regions, official_region_grid
+from contraseg.models.unet import UNet
+
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the loop oracles live with the tests
+from loop_oracles import (
     extract_regions_reference,
     global_contrastive_loss_reference,
     local_contrastive_loss_reference,
 )
-from contraseg.models.heads import extract_regions, official_region_grid
-from contraseg.models.unet import UNet
 
 COLUMNS = [
     "loss", "strategy", "input", "vectorised ms", "loop ms", "speed-up",

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = """# Benchmarks
 
 Timings are only comparable within a row: each ratio is measured in one process, on the machine

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_oracles import global_contrastive_loss_reference, nt_xent_reference
 
 from contraseg.losses import global_chance_level, global_contrastive_loss
-from contraseg.losses.reference import global_contrastive_loss_reference, nt_xent_reference
 
 
 def layout(volumes: int, partitions: int, views: int) -> tuple[torch.Tensor, ...]:

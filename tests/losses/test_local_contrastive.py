@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_oracles import extract_regions_reference, local_contrastive_loss_reference
 
 from contraseg.losses import local_chance_level, local_contrastive_loss
 from contraseg.losses.local_contrastive import masked_local_chance_level
-from contraseg.losses.reference import extract_regions_reference, local_contrastive_loss_reference
 from contraseg.models.heads import extract_regions, official_region_grid
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loop_oracles import extract_regions_reference
 
-from contraseg.losses.reference import extract_regions_reference
 from contraseg.models.heads import (
     GlobalHead,
     LocalEmbedder,

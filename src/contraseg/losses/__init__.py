@@ -1,7 +1,7 @@
 """Contrastive (global, local) and segmentation losses, as pure functions, and the gather that
 lets data-parallel ranks compute the contrastive losses on their joint batch.
 
-``contraseg.losses.reference`` holds slow loop implementations used by tests and benchmarks.
+Slow loop implementations (test oracles) are in ``tests/support/loop_oracles.py``.
 """
 
 from contraseg.losses.distributed import (

@@ -1,8 +1,10 @@
 """Slow, obviously-correct loop implementations of the contrastive losses and region extraction.
 
-They follow the formulas of method_spec 3.1 and 4.2 literally, one Python loop per sum, so that
-the tests can compare the vectorised losses against them and ``bench/bench_losses.py`` can
-measure the speed-up. They are differentiable (torch scalar ops) but not meant for training.
+They follow the formulas in the docstrings of ``contraseg.losses.global_contrastive`` and
+``local_contrastive`` literally, one Python loop per sum, so that the tests can compare the
+vectorised losses against them and ``bench/bench_losses.py`` can measure the speed-up. They are
+differentiable (torch scalar ops) but not meant for training. They live with the tests, outside
+the installed package (``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations
