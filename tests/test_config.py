@@ -92,7 +92,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
         load_config(PretrainGlobalRun, path)
 
 
-# run configs of the stage commands; the experiment grids (configs/demo*.yaml and
+# run configs of the stage commands; the experiment grids (src/contraseg/grids/demo*.yaml and
 # configs/paper/grids/) are checked by tests/experiment/test_grid.py
 CONFIGS = sorted(
     path

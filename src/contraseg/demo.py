@@ -1,5 +1,6 @@
-"""The main job behind ``make demo``: a small grid on the embedded phantom (configs/demo.yaml,
-or configs/demo_quick.yaml with ``--quick``), run by the experiment code like any grid.
+"""The main job behind ``make demo``: a small grid on the embedded phantom (grids/demo.yaml
+beside this module, or grids/demo_quick.yaml with ``--quick``), run by the experiment code
+like any grid.
 
 It generates the phantom, pre-trains the encoder with G^R and with G^D and the first decoder
 blocks with L^D on the G^D encoder, fine-tunes every initialisation (random, G^R, G^D,
@@ -16,20 +17,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from contraseg.errors import InputError
 from contraseg.experiment import ExperimentResult, run_experiment
 
-# the demo's grids ship in the repository's configs/ folder, beside src/
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# the demo's grids are package data, so that an installed wheel runs the demo too
+GRIDS = Path(__file__).resolve().parent / "grids"
 
 
 def demo_grid(quick: bool = False) -> Path:
-    path = CONFIGS / ("demo_quick.yaml" if quick else "demo.yaml")
-    if not path.is_file():
-        raise InputError(
-            path, "the demo's grid is missing: run the demo from a checkout of the repository"
-        )
-    return path
+    return GRIDS / ("demo_quick.yaml" if quick else "demo.yaml")
 
 
 def run_demo(

@@ -12,6 +12,7 @@ from contraseg.cli import main
 from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun, load_config
 from contraseg.data.readers import get_reader
 from contraseg.data.splits import generated_split, get_split
+from contraseg.demo import demo_grid
 from contraseg.errors import InputError
 from contraseg.experiment import expand, load_grid
 
@@ -361,7 +362,7 @@ def test_the_cityscapes_grid_expands_on_a_cityscapes_layout(tmp_path, write_city
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
 def test_the_demo_grids_compare_every_initialisation_in_pairs(name, tmp_path):
-    grid = load_grid([REPO / "configs" / name])
+    grid = load_grid([demo_grid(name == "demo_quick.yaml")])
     plan = expand(grid, tmp_path, _split(grid))
     assert [i.name for i in grid.initialisations] == ["random", "G^R", "G^D", "G^D + L^D"]
     assert grid.labelled_volumes == [1, 2]
@@ -379,7 +380,7 @@ def test_the_demo_grids_compare_every_initialisation_in_pairs(name, tmp_path):
 def test_grid_yaml_records_the_resolved_grid(tmp_path):
     from contraseg.experiment.grid import grid_text
 
-    grid = load_grid([REPO / "configs" / "demo.yaml"], ["data.size=[64,64]"])
+    grid = load_grid([demo_grid()], ["data.size=[64,64]"])
     path = _write(tmp_path, grid_text(grid), "grid.yaml")
     assert yaml.safe_load(path.read_text())["data"]["size"] == [64, 64]
     assert load_grid([path]) == grid
