@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from benchmarks_md import BENCHMARKS, machine, write_section
+from benchmarks_md import BENCHMARKS, interleaved_medians, machine, write_section
 
 from contraseg.config import FinetuneAugmentConfig, PretrainAugmentConfig
 from contraseg.data.augment import finetune_augment, pretrain_view
@@ -28,20 +26,6 @@ COLUMNS = [
     "transform", "batch", "batch call ms", "per-image loop ms", "speed-up",
     "UNet f+b ms", "augment / UNet", "machine", "torch", "date",
 ]  # fmt: skip
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 1):  # the first call warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def time_transform(
@@ -54,13 +38,15 @@ def time_transform(
 ) -> list[str]:
     images = torch.rand(batch, 1, 192, 192, device=device)
     labels = torch.randint(0, 4, (batch, 192, 192), device=device)
-    whole = median_ms(lambda: transform(images, labels), device, repeats)
-    loop = median_ms(
-        lambda: [transform(images[i : i + 1], labels[i : i + 1]) for i in range(batch)],
+    whole, loop = interleaved_medians(
+        [
+            lambda: transform(images, labels),
+            lambda: [transform(images[i : i + 1], labels[i : i + 1]) for i in range(batch)],
+        ],
         device,
         repeats,
     )
-    unet = median_ms(lambda: model(images).mean().backward(), device, 3)
+    [unet] = interleaved_medians([lambda: model(images).mean().backward()], device, 3)
     stamp = datetime.date.today().isoformat()
     return [
         name, str(batch), f"{whole:.1f}", f"{loop:.1f}", f"{loop / whole:.1f}x", f"{unet:.0f}",

@@ -17,16 +17,13 @@ import argparse
 import cProfile
 import datetime
 import pstats
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from benchmarks_md import BENCHMARKS, machine, write_section
+from benchmarks_md import BENCHMARKS, interleaved_medians, machine, write_section
 from safetensors.torch import save_file
 
 from contraseg.data.preprocess import preprocess_volume
@@ -82,25 +79,6 @@ def acdc_volume(path: Path) -> Path:
     affine[:3, 3] = (-120.0, 80.0, 35.0)
     nib.save(nib.Nifti1Image(np.rint(image).astype(np.int16), affine), str(path))
     return path
-
-
-def interleaved_medians(
-    fns: list[Callable[[], object]], device: torch.device, repeats: int
-) -> list[float]:
-    """Median milliseconds of each function, called in turn ``repeats`` times after one warm-up
-    round, so that a load change on a shared machine hits all of them alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(repeats + 1):
-        for fn, out in zip(fns, times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                out.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -68,3 +70,22 @@ def write_section(
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
     BENCHMARKS.write_text(head + begin + "\n" + "\n".join(table) + "\n" + end + tail)
+
+
+def interleaved_medians(
+    fns: list[Callable[[], object]], device: torch.device, repeats: int
+) -> list[float]:
+    """Median milliseconds of each function, called in turn ``repeats`` times after one warm-up
+    round, so that a load change on a shared machine hits all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(repeats + 1):
+        for fn, out in zip(fns, times, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                out.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
