@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from contraseg.data.sampling import rank_volumes
 from contraseg.losses import global_contrastive_loss, local_contrastive_loss
 from contraseg.losses.distributed import (
+    all_gather_rows,
     all_gather_with_grad,
     gather_contrastive_batch,
     gather_ids,
@@ -32,20 +33,29 @@ IMAGES = VOLUMES_PER_RANK * PARTITIONS  # per rank, one slice per (volume, parti
 DRAW = np.array([5, 1, 7, 3])  # one draw of WORLD x VOLUMES_PER_RANK distinct volumes
 FEATURES, DIM, REGIONS = 5, 4, 6
 TABLE = torch.tensor([[1, 2, 5], [0, 3, 4], [4, 5, 1]])  # (A=3, n_neg=3) negatives of 6 regions
+# (strategy, negatives table, regions skipped as by views with their own transform)
 CASES = [
-    ("GR", None),
-    ("GD-", None),
-    ("GD", None),
-    ("LR", None),
-    ("LR", TABLE),
-    ("LD", None),
-    ("LD", TABLE),
+    ("GR", None, False),
+    ("GD-", None, False),
+    ("GD", None, False),
+    ("LR", None, False),
+    ("LR", TABLE, False),
+    ("LD", None, False),
+    ("LD", TABLE, False),
+    ("LR", TABLE, True),
+    ("LD", None, True),
 ]
+# which regions each view shows, (2 views, WORLD * IMAGES images, REGIONS)
+VALID = torch.rand(2, WORLD * IMAGES, REGIONS, generator=torch.Generator().manual_seed(3)) < 0.7
+
+Case = tuple[str, torch.Tensor | None, bool]
 
 
-def _name(case: tuple[str, torch.Tensor | None]) -> str:
-    strategy, table = case
-    return strategy if strategy.startswith("G") else f"{strategy}-{'all' if table is None else 3}"
+def _name(case: Case) -> str:
+    strategy, table, masked = case
+    if strategy.startswith("G"):
+        return strategy
+    return f"{strategy}-{'all' if table is None else 3}{'-masked' if masked else ''}"
 
 
 def _views(strategy: str) -> torch.Tensor:
@@ -60,11 +70,13 @@ def _model() -> nn.Module:
     return nn.Linear(FEATURES, DIM)  # per row (global) or per region (local)
 
 
-def _loss(case: tuple[str, torch.Tensor | None], embeddings: torch.Tensor, ids) -> torch.Tensor:
-    strategy, table = case
+def _loss(case: Case, embeddings: torch.Tensor, ids, valid: torch.Tensor) -> torch.Tensor:
+    strategy, table, masked = case
     if strategy.startswith("G"):
         return global_contrastive_loss(embeddings, *ids, strategy=strategy, temperature=0.2)
-    return local_contrastive_loss(embeddings, *ids, strategy=strategy, neg_index=table)
+    return local_contrastive_loss(
+        embeddings, *ids, strategy=strategy, neg_index=table, valid=valid if masked else None
+    )
 
 
 def _volume_ids(volumes: np.ndarray) -> torch.Tensor:
@@ -86,7 +98,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         volume_ids = _volume_ids(rank_volumes(DRAW, rank, WORLD))
         partition_ids = torch.arange(PARTITIONS).repeat(2 * VOLUMES_PER_RANK)
         gathered, ids = gather_contrastive_batch(z, image_ids, volume_ids, partition_ids)
-        loss = _loss(case, gathered, ids)
+        valid = all_gather_rows(torch.cat([VALID[0, rows], VALID[1, rows]]))
+        loss = _loss(case, gathered, ids, valid)
         loss.backward()  # DDP averages the parameter gradients over the ranks
         name = _name(case)
         results[f"{name}/loss"] = loss.detach()
@@ -101,11 +114,12 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     results["raw/gathered"] = gathered.detach()
     results["raw/grad"] = t.grad
     results["raw/rank"] = torch.tensor(rank_and_world_size())
+    results["raw/rows"] = all_gather_rows(torch.tensor([rank == 0, True, rank == 1]))
     dist.destroy_process_group()
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def _single_process(case: tuple[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+def _single_process(case: Case) -> dict[str, torch.Tensor]:
     views = _views(case[0])
     x = torch.cat([views[0], views[1]]).requires_grad_()  # [view 1 of all | view 2 of all]
     model = _model()
@@ -114,7 +128,7 @@ def _single_process(case: tuple[str, torch.Tensor | None]) -> dict[str, torch.Te
         _volume_ids(DRAW),
         torch.arange(PARTITIONS).repeat(2 * WORLD * VOLUMES_PER_RANK),
     )
-    loss = _loss(case, model(x), ids)
+    loss = _loss(case, model(x), ids, torch.cat([VALID[0], VALID[1]]))
     loss.backward()
     params = {f"param{i}": p.grad for i, p in enumerate(model.parameters())}
     return {"loss": loss.detach(), "x": x.grad, **params}
@@ -153,6 +167,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path, m
     ]
     for rank, got in enumerate(ranks):
         assert got["raw/rank"].tolist() == [rank, WORLD]
+        assert got["raw/rows"].tolist() == [True, True, False, False, True, True]
         torch.testing.assert_close(got["raw/gathered"], torch.cat(blocks), rtol=0, atol=0)
         want_grad = sum(w[rank * 3 : (rank + 1) * 3] for w in weights)
         _close(got["raw/grad"], want_grad, f"rank {rank} gather backward")
@@ -161,6 +176,8 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path, m
 def _check_identity() -> None:
     z = torch.randn(4, 3, requires_grad=True)
     assert all_gather_with_grad(z) is z
+    mask = torch.tensor([True, False])
+    assert all_gather_rows(mask) is mask
     image_ids, volume_ids, partition_ids = [5, 9, 5, 9], torch.tensor([2, 1, 2, 1]), None
     gathered, ids = gather_contrastive_batch(z, image_ids, volume_ids, partition_ids)
     assert gathered is z

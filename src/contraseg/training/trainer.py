@@ -461,7 +461,10 @@ class Trainer:
         :class:`Speed` (or its default) says so."""
         if self.net is None:
             if self.world_size > 1:
-                raise TrainingError(f"{self.stage}: the stage has no net to train data-parallel")
+                raise TrainingError(
+                    f"{self.stage} trains in one process only (it has no single network to "
+                    "wrap data-parallel); start it without torchrun"
+                )
             return
         net = self.net
         cuda = self.device.type == "cuda"
