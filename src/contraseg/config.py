@@ -202,7 +202,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """UNet and heads (method_spec section 2)."""
+    """UNet and heads (the paper's supplement 1.1)."""
 
     widths: list[int] = option(
         help="channels of the six encoder blocks (the decoder mirrors them)",
@@ -249,7 +249,7 @@ class OptimConfig:
 
 @dataclass
 class PretrainAugmentConfig:
-    """Per-image random crop-and-resize and brightness/contrast (method_spec 3.3), and the
+    """Per-image random crop-and-resize and brightness/contrast (docs/augmentation.md), and the
     saturation/hue of the supplement's colour jitter for RGB images."""
 
     crop_fraction: list[float] = option(
@@ -313,7 +313,7 @@ class LocalAugmentConfig(PretrainAugmentConfig):
 
 @dataclass
 class FinetuneAugmentConfig:
-    """Geometric augmentation of image and label together (method_spec 6.2)."""
+    """Geometric augmentation of image and label together (docs/augmentation.md)."""
 
     enabled: bool = option(True, help="augment the labelled slices")
     rotation_deg: float = option(

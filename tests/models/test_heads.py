@@ -19,7 +19,7 @@ from contraseg.models.heads import (
     view_points,
 )
 
-# method_spec 4.1, anchor -> 5 negatives, in grid coordinates.
+# The official code's table (models.py): anchor -> 5 negatives, in grid coordinates.
 SPEC_TABLE = {
     (0, 0): [(0, 2), (1, 1), (1, 2), (2, 0), (2, 1)],
     (0, 2): [(0, 0), (0, 4), (1, 1), (1, 3), (2, 2)],
@@ -73,7 +73,7 @@ def test_official_grid_for_1x1_regions_and_rectangular_maps():
 
 def test_official_1x1_lists_as_the_official_code_computes_them():
     """k1_lists="official" at 48: span 47; the negatives written as the official code's pixel
-    expressions (method_spec 4.1: int(im/4), int(im/2), int(3*im/4), im with im = W - 1)."""
+    expressions (official models.py: int(im/4), int(im/2), int(3*im/4), im with im = W - 1)."""
     im = 47
     q, h, t = int(im / 4), int(im / 2), int(3 * im / 4)
     anchors = [

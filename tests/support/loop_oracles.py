@@ -89,7 +89,8 @@ def local_contrastive_loss_reference(
     neg_index: Tensor | None = None,
     temperature: float = 0.1,
 ) -> Tensor:
-    """Mean over ordered image pairs (a, b) and anchors u of the method_spec 4.2 term.
+    """Mean over ordered image pairs (a, b) and anchors u of the term l(a, b, u) of
+    :mod:`contraseg.losses.local_contrastive`.
 
     Negatives of u: ``neg_index[u]`` in both maps, or every region other than u in both maps.
     """

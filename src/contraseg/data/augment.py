@@ -1,4 +1,4 @@
-"""Batch augmentations as torch ops on the batch's device (method_spec 3.3 and 6.2).
+"""Batch augmentations as torch ops on the batch's device (docs/augmentation.md).
 
 Every random parameter is drawn per image on the CPU from the caller's ``torch.Generator`` and
 only then moved to the batch's device, so a seed gives the same augmentation on CPU and GPU and
@@ -11,9 +11,9 @@ Geometry follows ``torch.nn.functional.affine_grid``/``grid_sample`` with
 pixel units and then normalised, so they stay rigid on non-square images. Pixels rotated or
 scaled in from outside the image are 0 (background for labels).
 
-Differences from the official code: brightness/contrast values are drawn per image, not one per
-batch (method_spec 9.3); fine-tuning has no intensity augmentation by default, as the official
-code in practice has none (method_spec 9.4); labels are warped with nearest-neighbour sampling,
+Differences from the official code (docs/augmentation.md): brightness/contrast values are drawn
+per image, not one per batch; fine-tuning has no intensity augmentation by default, as the
+official code in practice has none; labels are warped with nearest-neighbour sampling,
 not as bilinearly warped one-hot maps; the affine and the elastic field are applied in one
 resampling. Beyond the official code: views for the local loss that are cropped and flipped
 differently, with their transform returned (:func:`transformed_view`, docs/local-views.md),
@@ -50,7 +50,7 @@ __all__ = [
     "warp_labels",
 ]
 
-# Options of the per-image geometric transform (method_spec 6.2); ROT45 only if config.rot45.
+# Options of the per-image geometric transform (docs/augmentation.md); ROT45 only if config.rot45.
 ROTATE, SCALE, FLIP, ROT45, NONE = range(5)
 
 
@@ -164,7 +164,7 @@ def sample_colour_jitter(
 def sample_affine(
     batch: int, size: tuple[int, int], config: FinetuneAugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """``theta`` (B, 2, 3): per image one option of method_spec 6.2, chosen with equal probability.
+    """``theta`` (B, 2, 3): per image one of the options below, chosen with equal probability.
 
     Options: rotation U(-rotation_deg, rotation_deg); scale U(scale) (above 1 zooms in);
     left-right flip with probability flip_prob; rotation by k * 45 degrees, k in 0..7 (only if
@@ -359,7 +359,7 @@ def pretrain_view(
     generator: torch.Generator,
     crop: bool = True,
 ) -> torch.Tensor:
-    """One augmented view (B, C, H, W) for contrastive pre-training (method_spec 3.3).
+    """One augmented view (B, C, H, W) for contrastive pre-training (docs/augmentation.md).
 
     Random crop resized back to (H, W) (bilinear): a square of the shorter side (official) or,
     with ``crop_shape: aspect``, the image's shape (:func:`sample_resized_crop`). Then per-image
@@ -399,7 +399,8 @@ def finetune_augment(
     config: FinetuneAugmentConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmentation of (B, C, H, W) images and (B, H, W) labels (method_spec 6.2, supplement 4).
+    """Augmentation of (B, C, H, W) images and (B, H, W) labels (docs/augmentation.md;
+    supplement 4).
 
     ``geometry: affine`` (medical, the default): one affine option per image
     (:func:`sample_affine`) and an elastic field (:func:`sample_elastic_field`), applied together

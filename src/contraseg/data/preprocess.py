@@ -1,4 +1,4 @@
-"""Preprocessing of one volume as in the paper (method_spec section 5), and its exact inverse.
+"""Preprocessing of one volume as in the paper (docs/data.md), and its exact inverse.
 
 Steps, in order: optional N4 bias correction (SimpleITK, convergence threshold 0.001, 4 levels x
 50 iterations, Otsu foreground mask); per-volume, per-channel p1/p99 normalisation ``(x - p1) /
@@ -329,7 +329,8 @@ def probabilities_to_native(probs: np.ndarray, grid: GridInfo) -> np.ndarray:
     """Class probabilities (Z, K, H, W) -> (X, Y, Z, K) float32 on the native grid.
 
     Outside the cropped window the background probability is 1; probabilities are resized
-    bilinearly to the native in-plane shape, where the argmax is then taken (method_spec 6.3).
+    bilinearly to the native in-plane shape, where the argmax is then taken (as the official
+    code's ``f1_utils.py`` does).
     """
     _check_shape(probs, grid, 4)
     z, k = probs.shape[:2]

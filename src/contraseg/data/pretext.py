@@ -11,7 +11,7 @@
 
 As in ``contraseg.data.augment``, the random parameters are drawn on the CPU from the caller's
 ``torch.Generator`` by public ``sample_*`` functions, so tests can check exactly what was done,
-and applied on the batch's device. The official code's unused helpers (method_spec 6.4) inspired
+and applied on the batch's device. The official code's unused helpers (``utils.py``) inspired
 the defaults: boxes of 30 to 90 pixels and 10 swaps of 5 x 5 patches at 192 x 192.
 """
 

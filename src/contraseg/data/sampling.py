@@ -1,4 +1,4 @@
-"""Slice sampling for pre-training and fine-tuning (method_spec section 3.2), on the device.
+"""Slice sampling for pre-training and fine-tuning (docs/data.md), on the device.
 
 Partition rule, as in the official code: a volume of n slices is split into S partitions with
 boundaries ``k * floor(n / S)``, k = 0..S. The trailing ``n mod S`` slices (at the end of the

@@ -1,9 +1,9 @@
 """Data splits: the paper's exact IDs for ACDC, MSD Prostate and MMWHS, generated otherwise.
 
 The packaged JSON files in ``splits/`` hold the IDs of the official code's
-``experiment_init/data_cfg_*.py`` (method_spec section 5) as the readers name cases
-(``patient002``, ``prostate_01``, ``mr_train_1001``). The official lists have quirks
-(method_spec section 9, item 7); what we do about each (also in docs/splits.md and in each
+``experiment_init/data_cfg_*.py`` as the readers name cases
+(``patient002``, ``prostate_01``, ``mr_train_1001``). The official lists have quirks;
+what we do about each (also in docs/splits.md and in each
 JSON file's ``notes``):
 
 * ACDC benchmark ("trall", 78 ids) contains 011, which is also one of its two validation ids:

@@ -1,4 +1,4 @@
-"""Scores of segmentations, computed as the paper does (method_spec 6.3), from two sources.
+"""Scores of segmentations, computed as the paper does (docs/metrics.md), from two sources.
 
 - :func:`evaluate_run`: a finished fine-tuning run on its dataset's test split, predicted by
   :class:`contraseg.inference.Segmenter` from the prepared cache.

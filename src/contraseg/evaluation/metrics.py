@@ -1,4 +1,4 @@
-"""Per-volume segmentation metrics on integer label volumes (method_spec 6.3).
+"""Per-volume segmentation metrics on integer label volumes (docs/metrics.md).
 
 The paper's score is 3-D Dice per foreground class on each test volume, averaged over the
 foreground classes, then over the volumes; :func:`dice_per_class` gives the first step. HD95

@@ -7,7 +7,7 @@ For a batch of B embeddings ``z`` (several views of some images), with
     loss    = 1 / |{(a, p)}| * sum_{a} sum_{p in P(a)} l(a, p)
 
 i.e. one term per **ordered** positive pair, so each pair counts in both directions, averaged
-(method_spec 3.1; the paper's equation 1 and Figure 1). The strategies differ only in P and N:
+(the paper's equation 1 and Figure 1). The strategies differ only in P and N:
 
 - ``"GR"`` (SimCLR, random slices): P(a) = the other views of a's image; N(a) = every row that
   is not a view of a's image.

@@ -1,4 +1,4 @@
-"""Local contrastive loss with the strategies L^R and L^D (Chaitanya et al. 2020, method_spec 4).
+"""Local contrastive loss with the strategies L^R and L^D (Chaitanya et al. 2020; docs/training.md).
 
 Input: region embeddings ``f`` of shape (B, R, D), row b being R regions of the feature map
 g2(d_l(e(x_b))) taken at the same corners in every image (``LocalEmbedder``). Two images a, b
@@ -13,8 +13,8 @@ For a pair (a, b) and an anchor region u, with ``s(x, y) = cos(x, y) / tau``:
     den(a, b, u) = exp(s(f_au, f_bu)) + sum_{n in Neg(u)} [exp(s(f_au, f_an)) + exp(s(f_au, f_bn))]
     l(a, b, u)   = -log( exp(s(f_au, f_bu)) / den(a, b, u) )
 
-the negatives being taken **from both maps of the pair** (method_spec 4.2). The loss is the mean
-of l over all ordered pairs and all anchors, so each pair is used in both directions.
+the negatives being taken **from both maps of the pair**, as in the official code. The loss is
+the mean of l over all ordered pairs and all anchors, so each pair is used in both directions.
 
 ``Neg(u)``, chosen by ``neg_index``:
 
@@ -32,7 +32,7 @@ outside its view. Such a region is skipped: no term has it as anchor or positive
 no negative. A term whose negatives are all skipped is skipped too (it would be 0 for free).
 The loss is then the mean over the remaining terms, 0 if there are none.
 
-Departures from the official code (method_spec 4.3, 9.9): L^D uses the symmetric form, all 5
+Departures from the official code (docs/training.md, Stage 2): L^D uses the symmetric form, all 5
 negatives, and a true mean, instead of one direction, 4 negatives and a 1.5x scale.
 
 Chance level (all embeddings equal): every term is ``log(1 + 2 * n_neg)``, see

@@ -1,4 +1,4 @@
-"""Segmentation losses of the fine-tuning stage (method_spec 6.1).
+"""Segmentation losses of the fine-tuning stage (the official code's ``--dsc_loss``).
 
 With ``p = softmax(logits)`` of shape (B, K, H, W) and ``y`` the one-hot target:
 

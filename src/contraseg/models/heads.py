@@ -1,12 +1,12 @@
 """Projection heads g1 (global) and g2 (local), and the local-region machinery of stage 2.
 
-- :class:`GlobalHead` (g1, method_spec 2.3): flatten e(x) -> Dense(hidden, no bias) -> ReLU ->
+- :class:`GlobalHead` (g1, supplement 1.1): flatten e(x) -> Dense(hidden, no bias) -> ReLU ->
   Dense(out, no bias). No BN, as in the official code.
-- :class:`LocalHead` (g2, method_spec 2.5): 1x1 conv (no bias) + BN + ReLU, then a 1x1 conv
+- :class:`LocalHead` (g2, supplement 1.1): 1x1 conv (no bias) + BN + ReLU, then a 1x1 conv
   (no bias, no BN, no activation), channels unchanged.
-- :func:`official_region_grid` (method_spec 4.1): the fixed 5x5 grid of region corners, the 13
-  anchors and each anchor's 5 neighbouring negatives (optionally the official code's own lists
-  for 1x1 regions).
+- :func:`official_region_grid` (the official code's ``models.py``): the fixed 5x5 grid of
+  region corners, the 13 anchors and each anchor's 5 neighbouring negatives (optionally the
+  official code's own lists for 1x1 regions).
 - :func:`extract_regions`: KxK regions at given corners, flattened (not pooled), vectorised.
 - :func:`region_points`, :func:`view_points`, :func:`sample_regions`, :func:`points_inside`:
   the same regions located in views that were cropped, scaled or flipped differently
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Grid coordinates (row, col) on the 5x5 grid g in {0..4}^2 (method_spec 4.1). The anchors are
-# the 9 points with both coordinates even and the 4 with both odd; the table gives 5 "nearby"
-# negatives per anchor. Four negatives, (1,2) (2,1) (2,3) (3,2), are not anchors, so the region
-# set is 17 regions: the 13 anchors first, then those four.
+# Grid coordinates (row, col) on the 5x5 grid g in {0..4}^2 (official ``models.py``). The
+# anchors are the 9 points with both coordinates even and the 4 with both odd; the table gives
+# 5 "nearby" negatives per anchor. Four negatives, (1,2) (2,1) (2,3) (3,2), are not anchors, so
+# the region set is 17 regions: the 13 anchors first, then those four.
 _ANCHORS: tuple[tuple[int, int], ...] = (
     (0, 0), (0, 2), (0, 4), (2, 0), (2, 2), (2, 4), (4, 0), (4, 2), (4, 4),
     (1, 1), (1, 3), (3, 1), (3, 3),
@@ -47,7 +47,7 @@ _NEGATIVES: tuple[tuple[tuple[int, int], ...], ...] = (
     ((2, 0), (2, 2), (4, 0), (4, 2), (3, 3)),
     ((2, 2), (2, 4), (4, 2), (4, 4), (3, 1)),
 )
-# The official code's separate table for 1x1 regions (method_spec 4.1, "different lists"): the
+# The official code's separate table for 1x1 regions (in its ``models.py``): the
 # same 13 anchors, other negatives, all of them anchors themselves (so 13 regions, not 17).
 _NEGATIVES_1X1: tuple[tuple[tuple[int, int], ...], ...] = (
     ((0, 2), (2, 0), (2, 2), (1, 1), (1, 3)),
@@ -82,7 +82,7 @@ class RegionGrid(NamedTuple):
 def official_region_grid(
     height: int, width: int, size: int = 3, k1_lists: str = "shared"
 ) -> RegionGrid:
-    """The official fixed region grid for a ``height`` x ``width`` feature map (method_spec 4.1).
+    """The official fixed region grid for a ``height`` x ``width`` feature map (docs/training.md).
 
     Grid coordinate g maps to pixel ``int(g * span / 4)`` with ``span = W - K - 1``: the official
     ``int(g * (W - 4) / 4)`` for K = 3 ({0, 11, 22, 33, 44} at 48). Returns 17 regions (13

@@ -1,6 +1,6 @@
 """The 2-D UNet of Chaitanya et al. (NeurIPS 2020), split so its parts move between stages.
 
-Architecture (method_spec section 2, supplement 1.1), for ``widths = (w1, ..., w6)``:
+Architecture (supplement 1.1 and the official code's ``models.py``), for ``widths = (w1, ..., w6)``:
 
 - ``encoder``: 6 blocks of two 3x3 conv-BN-ReLU; a 2x2 max-pool (stride 2) between blocks.
   Blocks 1..5 give the skip connections, block 6 the bottleneck at 1/32 of the input size.

@@ -24,7 +24,7 @@ from contraseg.fileio import one_line
 log = logging.getLogger("contraseg.data")
 
 # Per-image Dice of a class absent from both prediction and reference: 1.0 ("count_as_one", the
-# medical datasets' rule, method_spec 6.3) or left out of the image's mean ("leave_out", as the
+# medical datasets' rule, docs/metrics.md) or left out of the image's mean ("leave_out", as the
 # official Cityscapes evaluation ignores classes that appear in neither).
 AbsentClasses = Literal["count_as_one", "leave_out"]
 ABSENT_CLASSES: tuple[AbsentClasses, ...] = ("count_as_one", "leave_out")

@@ -55,7 +55,7 @@ def map_labels(path: Path, raw: np.ndarray) -> np.ndarray:
 
 
 class MmwhsReader:
-    """Reads MM-WHS MR; paper settings 160 x 160 at 1.5 mm (method_spec 5)."""
+    """Reads MM-WHS MR; paper settings 160 x 160 at 1.5 mm (docs/datasets.md)."""
 
     name = "mmwhs"
     class_names = ("background", "Myo", "LA", "LV", "RA", "RV", "AA", "PA")

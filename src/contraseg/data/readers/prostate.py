@@ -31,7 +31,7 @@ _LABELS = {"0": "background", "1": "PZ", "2": "TZ"}
 
 
 class ProstateReader:
-    """Reads MSD Task05 Prostate; paper settings 192 x 192 at 0.625 mm (method_spec 5)."""
+    """Reads MSD Task05 Prostate; paper settings 192 x 192 at 0.625 mm (docs/datasets.md)."""
 
     name = "prostate"
     class_names = ("background", "PZ", "TZ")
