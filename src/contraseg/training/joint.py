@@ -22,11 +22,9 @@ from contraseg.data.augment import pretrain_view
 from contraseg.data.dataset import load_dataset
 from contraseg.losses import (
     GlobalPairs,
-    check_neg_index,
     global_chance_level,
     global_loss_from_pairs,
     global_pairs,
-    local_chance_level,
     local_loss_from_pairs,
     local_pairs,
 )
@@ -77,10 +75,7 @@ class JointPretrainer(Trainer):
         )
         head = local_embedder(self.unet, local, cfg.model, height, width, section="local_loss")
         self.embedder = head.embedder
-        regions = head.points.shape[0]
-        self.neg_index = None
-        if head.neg_index is not None:
-            self.neg_index = check_neg_index(head.neg_index.to(self.device), regions)
+        self.neg_index = None if head.neg_index is None else head.neg_index.to(self.device)
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1, "g2": self.embedder})
         self.model.to(self.device)
         decoder = self.unet.decoder[: local.decoder_blocks]
@@ -92,7 +87,7 @@ class JointPretrainer(Trainer):
                 *self.embedder.parameters(),
             ]
         )
-        self.local_chance = local_chance_level(regions, self.neg_index)
+        self.local_chance = head.chance
         # the pairs of both losses are the same in every batch: found at the first iteration
         self.pairs: tuple[GlobalPairs, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.global_chance = 0.0

@@ -175,13 +175,19 @@ def two_view_ids(
 
 @dataclass(frozen=True)
 class LocalHead:
-    """g2 on d_l with its regions: the official negatives (None: all), the feature-map size
-    and each region's sampling points (for views with their own transform)."""
+    """g2 on d_l with its regions: the official negatives (None: all; checked by
+    ``check_neg_index``), the feature-map size and each region's sampling points (for views
+    with their own transform)."""
 
     embedder: LocalEmbedder
     neg_index: torch.Tensor | None
     fmap_size: tuple[int, int]
     points: torch.Tensor
+
+    @property
+    def chance(self) -> float:
+        """The local loss when all region embeddings are equal."""
+        return local_chance_level(self.points.shape[0], self.neg_index)
 
 
 def local_embedder(
@@ -208,11 +214,11 @@ def local_embedder(
         project=model.g2_project,
         out=model.g2_out,
     )
+    neg_index = None
+    if loss.negatives == "official":
+        neg_index = check_neg_index(grid.neg_index, len(grid.corners))
     return LocalHead(
-        embedder,
-        grid.neg_index if loss.negatives == "official" else None,
-        fmap_size,
-        region_points(grid.corners, loss.region_size, fmap_size),
+        embedder, neg_index, fmap_size, region_points(grid.corners, loss.region_size, fmap_size)
     )
 
 
@@ -332,11 +338,8 @@ class LocalPretrainer(Trainer):
         self.net = LocalNet(self.unet, self.embedder, blocks)
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = self.adam([*decoder, *self.embedder.parameters()])
-        regions = local.points.shape[0]
-        self.neg_index = None
-        if local.neg_index is not None:
-            self.neg_index = check_neg_index(local.neg_index.to(self.device), regions)
-        self.chance = local_chance_level(regions, self.neg_index)
+        self.neg_index = None if local.neg_index is None else local.neg_index.to(self.device)
+        self.chance = local.chance
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # at the first iteration
 
     def compute_loss(self, iteration: int) -> tuple[torch.Tensor, dict[str, Any]]:
