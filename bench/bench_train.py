@@ -27,7 +27,9 @@ in BENCHMARKS.md; ``--label`` names the code measured (default: the git commit).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import os
 import statistics
 import subprocess
 import tempfile
@@ -43,7 +45,7 @@ from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun, l
 from contraseg.data.phantom import write_phantom_dataset
 from contraseg.training.checkpoint import save_weights
 from contraseg.training.stages import Finetuner, GlobalPretrainer, LocalPretrainer
-from contraseg.training.trainer import Speed, Trainer
+from contraseg.training.trainer import Speed, Trainer, compile_by_default
 
 SIZES = {
     "paper": {
@@ -180,11 +182,14 @@ def time_run(
     bench: Bench, stage: str, size: str, variant: str, iterations: int, warm_up: int
 ) -> tuple[list[str], Trainer]:
     """A run of ``iterations`` from scratch; the row of RUN_COLUMNS and the trained trainer."""
+    speed = VARIANTS[variant]
+    if speed.compile is None:  # the choice a run of 10,000 iterations makes
+        speed = dataclasses.replace(speed, compile=compile_by_default(bench.device, 10_000))
     trainer = STAGES[stage][1](
         config(bench, stage, size, iterations),
         bench.root / f"run-{stage}-{variant}",
         bench.device,
-        VARIANTS[variant],
+        speed,
     )
     now = clock(bench.device)
     marks: dict[int, float] = {}
@@ -290,6 +295,10 @@ def built(bench: Bench, stage: str, size: str, variant: str) -> Trainer:
 
 
 def git_label() -> str:
+    """The commit measured: ``git describe``, or $BENCH_LABEL where the tree is a copy without
+    its .git (a lent GPU machine)."""
+    if os.environ.get("BENCH_LABEL"):
+        return os.environ["BENCH_LABEL"]
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -320,7 +329,17 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    run_rows, step_rows = [], []
+    run_rows: list[list[str]] = []
+    step_rows: list[list[str]] = []
+
+    def record(rows: list[list[str]], row: list[str]) -> None:
+        """Print the row and, with --write, rewrite the sections so far: a run stopped
+        part-way (a time limit on a lent GPU) keeps the rows it measured."""
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+        if args.write:
+            write_rows(run_rows, step_rows, args.stages)
+
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), device, args.label or git_label())
         for stage in args.stages:
@@ -330,33 +349,38 @@ def main() -> None:
                     row, trainer = time_run(
                         bench, stage, args.run_size, variant, args.run_iterations, args.warm_up
                     )
-                    print(" | ".join(row), flush=True)
-                    run_rows.append(row)
+                    record(run_rows, row)
                 for size in args.sizes:
                     if trainer is None or size != args.run_size:
                         trainer = built(bench, stage, size, variant)
                     slow = size == "paper" and device.type == "cpu"
                     steps = args.steps or (1 if slow else 30)
                     row = time_steps(bench, trainer, stage, size, variant, args.rounds, steps)
-                    print(" | ".join(row), flush=True)
-                    step_rows.append(row)
+                    record(step_rows, row)
                     trainer = None
+    for row in compile_rows(run_rows, args.stages):
+        print(" | ".join(row), flush=True)
+    if args.write:
+        print(f"rows written to {BENCHMARKS}")
+
+
+def compile_rows(run_rows: list[list[str]], stages: list[str]) -> list[list[str]]:
     by_stage = {(row[0], row[2]): row for row in run_rows}  # (stage, compiled)
-    compile_rows = [
+    return [
         compile_row(by_stage[stage, "yes"], by_stage[stage, "no"])
-        for stage in args.stages
+        for stage in stages
         if (stage, "yes") in by_stage and (stage, "no") in by_stage
     ]
-    for row in compile_rows:
-        print(" | ".join(row), flush=True)
-    if not args.write:
-        return
+
+
+def write_rows(run_rows: list[list[str]], step_rows: list[list[str]], stages: list[str]) -> None:
     if run_rows:
         write_section(*RUN_SECTION, RUN_COLUMNS, run_rows, key=RUN_KEY)
-    if compile_rows:
-        write_section(*COMPILE_SECTION, COMPILE_COLUMNS, compile_rows, key=("stage", *RUN_KEY[2:]))
-    write_section(*STEP_SECTION, STEP_COLUMNS, step_rows, key=STEP_KEY)
-    print(f"rows written to {BENCHMARKS}")
+    compiled = compile_rows(run_rows, stages)
+    if compiled:
+        write_section(*COMPILE_SECTION, COMPILE_COLUMNS, compiled, key=("stage", *RUN_KEY[2:]))
+    if step_rows:
+        write_section(*STEP_SECTION, STEP_COLUMNS, step_rows, key=STEP_KEY)
 
 
 if __name__ == "__main__":

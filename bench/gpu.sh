@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/training.md ("Speed and several GPUs") in one script,
-# for whoever has a CUDA GPU; about 7 minutes on one H100 or H200:
+# for whoever has a CUDA GPU; about 8 minutes on one H100 or H200. Steps, most important first:
 #
-#   1. the CUDA tests (pytest -m cuda, and test_augment's CUDA comparisons), among them a
-#      compiled and an eager run of 200 iterations against the noise of two seeds;
-#   2. the three stages at the paper's sizes on a 192 x 192 phantom: 200-iteration runs, the
-#      10,000 iterations extrapolated from the timed ones after the warm-up, compiled and not,
-#      with peak memory and the ratio to the paper's Titan X times; the full step against the
-#      network-only step, and each speed option switched off on its own;
-#   3. the fixed per-iteration overhead at 32 x 32;
-#   4. the full demo, timed;
-#   5. the loss and augmentation benchmarks.
+#   tests     the whole test suite on the CUDA machine (the CUDA-only tests included, among
+#             them a compiled and an eager run of 200 iterations against the noise of two seeds);
+#   stages    the three stages at the paper's sizes on a 192 x 192 phantom: 200-iteration runs,
+#             the 10,000 iterations extrapolated from the timed ones after the warm-up, eager and
+#             compiled, with peak memory and the ratio to the paper's Titan X times; the full
+#             step against the network-only step;
+#   demo      the full demo, timed;
+#   overhead  the fixed per-iteration overhead at 32 x 32;
+#   options   each speed option switched off on its own (steps only);
+#   kernels   the loss and augmentation benchmarks.
 #
-# Each step writes its rows to BENCHMARKS.md (this machine's rows are replaced); commit them.
+# Each step writes its rows to BENCHMARKS.md as it measures them (this machine's rows are
+# replaced); commit them. A failing step does not stop the others; the summary at the end names
+# it and the exit status is 1. GPU_BUDGET=SECONDS caps the whole script (on a lent machine with
+# little time): each step gets at most its own limit and what is left, and a step that would get
+# under 20 s is skipped.
+#
 # Needs python3 with PyTorch (CUDA) and contraseg's dependencies; nibabel and MONAI can come as
-# wheels in bench/wheels/ (bench/wheels/README.md). Run from anywhere: bench/gpu.sh
+# wheels in bench/wheels/ (bench/wheels/README.md). Run from anywhere: bench/gpu.sh [STEP...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
-step() { echo "== bench/gpu.sh: $1 (at $((SECONDS - START)) s)"; }
+BUDGET=${GPU_BUDGET:-100000}
+ALL_STEPS=(tests stages demo overhead options kernels)
+STEPS=("${@:-${ALL_STEPS[@]}}")
+for name in "${STEPS[@]}"; do
+    if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
+        echo "bench/gpu.sh: no step '$name'; the steps are: ${ALL_STEPS[*]}" >&2
+        exit 2
+    fi
+done
+summary=()
+failed=0
 
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
@@ -40,7 +56,7 @@ print(" ".join(p for m, p in needed.items() if importlib.util.find_spec(m) is No
 EOF
 }
 
-step "dependencies"
+echo "== bench/gpu.sh: dependencies"
 absent=$(missing)
 wheels=()
 for package in $absent; do  # only the missing ones: a wheel would shadow an installed version
@@ -64,26 +80,45 @@ if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; 
 fi
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 
-step "CUDA tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests
-"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/data/test_augment.py
+# step NAME LIMIT COMMAND...: run COMMAND when NAME was asked for, under the smaller of LIMIT
+# and what is left of the budget; record how it ended.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    [[ " ${STEPS[*]} " == *" $name "* ]] || return 0
+    local left=$((BUDGET - (SECONDS - START)))
+    ((limit > left)) && limit=$left
+    if ((limit < 20)); then
+        summary+=("$name: skipped, the budget was spent")
+        failed=1
+        return 0
+    fi
+    echo "== bench/gpu.sh: $name (at $((SECONDS - START)) s, at most $limit s)"
+    local begin=$SECONDS status=0
+    timeout --kill-after=10 "$limit" "$@" || status=$?
+    local took=$((SECONDS - begin))
+    if ((status == 0)); then
+        summary+=("$name: ok, $took s")
+    elif ((status == 124 || status == 137)); then
+        summary+=("$name: stopped at its limit of $limit s (rows measured so far are written)")
+        failed=1
+    else
+        summary+=("$name: FAILED (exit $status) after $took s")
+        failed=1
+    fi
+}
 
-step "stages at the paper's sizes: runs, compiled and not"
-"$PYTHON" bench/bench_train.py --device cuda --sizes paper --variants default no-compile \
-    --run-iterations 200 --warm-up 20 --write
-
-step "each speed option switched off (steps only)"
-"$PYTHON" bench/bench_train.py --device cuda --sizes paper \
+step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -n 8 tests
+step stages 230 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
+    --variants no-compile default --run-iterations 200 --warm-up 20 --write
+step demo 120 "$PYTHON" bench/bench_demo.py --device cuda --write
+step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
+    --variants no-compile --write
+step options 90 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants fp32 no-channels-last no-fused-adam --rounds 2 --steps 20 --write
+step kernels 90 bash -c "'$PYTHON' bench/bench_losses.py --device cuda --repeats 10 &&
+    '$PYTHON' bench/bench_augment.py --device cuda --repeats 5"
 
-step "fixed per-iteration overhead at 32 x 32"
-"$PYTHON" bench/bench_train.py --device cuda --sizes tiny --variants no-compile --write
-
-step "demo"
-"$PYTHON" bench/bench_demo.py --device cuda --write
-
-step "loss and augmentation benchmarks"
-"$PYTHON" bench/bench_losses.py --device cuda --repeats 10
-"$PYTHON" bench/bench_augment.py --device cuda --repeats 5
-
-step "done; commit the new rows of BENCHMARKS.md"
+echo "== bench/gpu.sh: done after $((SECONDS - START)) s; commit the new rows of BENCHMARKS.md"
+printf '   %s\n' "${summary[@]}"
+exit $failed
