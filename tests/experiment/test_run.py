@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_process import child_env
 from scipy import stats as scipy_stats
 
 from contraseg.cli import main
@@ -253,13 +253,9 @@ def test_dry_run_lists_the_runs_and_estimates_without_running(tiny_grid, tmp_pat
     assert "total:" in printed and "estimate" in printed
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-
-
 def test_workers_on_two_devices_finish_the_grid(tiny_grid, tmp_path, capsys, monkeypatch):
     """One worker process per device; a worker starts python afresh, so the grid is small."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     inits = [{"name": "random"}, {"name": "G^D", "pretrain_global": {}}]
     path = tiny_grid(initialisations=inits, labelled_volumes=[1])
     out = tmp_path / "out"
@@ -298,7 +294,7 @@ def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**_env(), "PYTHONUNBUFFERED": "1"},
+            env=child_env(PYTHONUNBUFFERED="1"),
         )
 
     second = start(1)

@@ -77,7 +77,7 @@ def test_ensemble_of_models_on_the_command_line(tmp_path, ix, capsys):
     assert (code, err) == (0, "")
     from contraseg.inference import Segmenter
 
-    expected = Segmenter.from_pretrained(models, "cpu").predict_file(
+    expected = Segmenter.from_pretrained(models, "auto").predict_file(  # the CLI's default
         tmp_path / "a.nii.gz", tmp_path / "api.nii.gz"
     )
     np.testing.assert_array_equal(

@@ -4,7 +4,6 @@ paths, failed starts, a second process, damaged checkpoints, a NaN, Ctrl-C (docs
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -14,22 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_process import child_env
 
-import contraseg
 from contraseg.config import PretrainGlobalRun, PretrainLocalRun, save_config
 from contraseg.training.checkpoint import load_checkpoint
 from contraseg.training.stages import GlobalPretrainer
 from contraseg.training.trainer import LOCK, MARKER, RUN_FILES, RUN_FOLDERS
 
-SRC = Path(contraseg.__file__).parents[1]
-
 
 def train(run_cli, config_file, out, *extra, codes=(2,)):
     return run_cli("pretrain-global", "--config", config_file, "--out", out, *extra, codes=codes)
-
-
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
 
 
 def _default_sigint() -> None:
@@ -122,7 +115,7 @@ def test_a_second_process_on_a_run_directory_is_refused(sandbox, run_cli, config
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env=subprocess_env(),
+        env=child_env(),
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -192,7 +185,7 @@ def test_ctrl_c_checkpoints_and_says_from_where_the_command_resumes(config_file,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=subprocess_env(),
+        env=child_env(),
         preexec_fn=_default_sigint,
     )
     metrics = run_dir / "metrics.jsonl"

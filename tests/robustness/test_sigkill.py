@@ -3,7 +3,6 @@ was never interrupted (docs/reliability.md): checkpoints are atomic and hold eve
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_process import child_env
 from safetensors.torch import load_file
 
-import contraseg
 from contraseg.config import PretrainGlobalRun, save_config
 
 ITERATIONS = 12
@@ -23,11 +22,6 @@ ITERATIONS = 12
 def _command(config: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "contraseg.cli", "pretrain-global", "--config", str(config),
             "--out", str(out), "--device", "cpu"]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    src = str(Path(contraseg.__file__).parents[1])
-    return {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
@@ -43,13 +37,15 @@ def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_config, tmp_path) 
         config,
     )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(config, whole), env=_env(), check=True, capture_output=True)
+    subprocess.run(_command(config, whole), env=child_env(), check=True, capture_output=True)
 
     kills = 0
     checkpoint = killed / "checkpoints" / "last.pt"
     while kills < 2:  # kill it twice, each time after it saved something new
         seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
-        process = subprocess.Popen(_command(config, killed), env=_env(), stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            _command(config, killed), env=child_env(), stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
             if checkpoint.exists() and checkpoint.stat().st_mtime_ns != seen:
@@ -60,7 +56,7 @@ def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_config, tmp_path) 
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
-    subprocess.run(_command(config, killed), env=_env(), check=True, capture_output=True)
+    subprocess.run(_command(config, killed), env=child_env(), check=True, capture_output=True)
 
     assert kills >= 1
     first = load_file(str(whole / "weights.safetensors"))

@@ -26,6 +26,6 @@ def assert_finetune_takes(tiny_config, tmp_path):
         expected = sorted(k for k in pretrained if k.startswith(prefixes))
         assert expected and trainer.transferred == expected
         own = trainer.unet.state_dict()
-        assert all(torch.equal(own[k], pretrained[k]) for k in expected)
+        assert all(torch.equal(own[k].cpu(), pretrained[k]) for k in expected)
 
     return check

@@ -41,19 +41,20 @@ def test_mixup_mixes_images_labels_and_ignore_masks():
     assert not mixed_ignore[:, 1, 1].any()
 
 
-def _fixed_batch() -> SliceBatch:
+def _fixed_batch(device: torch.device) -> SliceBatch:
     """Image i is the constant i + 1 and its label map the class i, so a mixed image tells
     which classes, and how much of each, its mixed label must hold."""
-    images = (torch.arange(4.0) + 1).view(4, 1, 1, 1).expand(4, 1, 32, 32)
-    labels = torch.arange(4).view(4, 1, 1).expand(4, 32, 32)
-    zeros = torch.zeros(4, dtype=torch.long)
+    images = (torch.arange(4.0, device=device) + 1).view(4, 1, 1, 1).expand(4, 1, 32, 32)
+    labels = torch.arange(4, device=device).view(4, 1, 1).expand(4, 32, 32)
+    zeros = torch.zeros(4, dtype=torch.long, device=device)
     return SliceBatch(images.clone(), zeros, zeros, zeros, labels.clone())
 
 
 def _inputs_of_one_step(trainer: Finetuner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images into the network, target into the loss, loss) of one compute_loss call."""
+    """(images into the network, target into the loss, loss) of one compute_loss call, on the
+    CPU."""
     seen: dict[str, torch.Tensor] = {}
-    trainer.sampler.sample = _fixed_batch
+    trainer.sampler.sample = lambda: _fixed_batch(trainer.device)
     hook = trainer.unet.register_forward_pre_hook(lambda m, args: seen.update(images=args[0]))
     loss_fn = trainer.loss_fn
 
@@ -64,7 +65,7 @@ def _inputs_of_one_step(trainer: Finetuner) -> tuple[torch.Tensor, torch.Tensor,
     trainer.loss_fn = recording
     loss, _ = trainer.compute_loss(1)
     hook.remove()
-    return seen["images"], seen["target"], loss
+    return seen["images"].cpu(), seen["target"].cpu(), loss.cpu()
 
 
 def test_labels_are_mixed_with_the_images_lambda(tiny_config, tmp_path):

@@ -182,8 +182,10 @@ def view_points(points: Tensor, theta: Tensor) -> Tensor:
     original point ``A q + t``, so an original point p is at ``A^-1 (p - t)`` in the view.
     """
     theta = theta.to(torch.float64)
-    shifted = points.to(theta)[None] - theta[:, None, None, :, 2]
-    return torch.einsum("bij,brpj->brpi", torch.linalg.inv(theta[:, :, :2]), shifted)
+    # inverted where theta was drawn (the CPU: no wait for the GPU), applied where points are
+    inverse = torch.linalg.inv(theta[:, :, :2]).to(points.device)
+    shifted = points.to(torch.float64)[None] - theta[:, None, None, :, 2].to(points.device)
+    return torch.einsum("bij,brpj->brpi", inverse, shifted)
 
 
 def points_inside(points: Tensor, fmap_size: tuple[int, int]) -> Tensor:
