@@ -17,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "contraseg"
 
 RANK = {
-    "errors": 0, "fileio": 0, "config": 0,
+    "errors": 0, "fileio": 0, "config": 0, "devices": 0,
     "models": 1, "losses": 1, "data": 1,
     "inference": 2, "evaluation": 2, "report": 2,
     "training": 3,

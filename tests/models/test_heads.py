@@ -154,6 +154,16 @@ def test_extract_regions_errors():
         extract_regions(fmap[0], torch.tensor([[0, 0]]), 1)
 
 
+def test_the_embedder_checks_the_map_size_without_reading_its_device():
+    """The corners' extent is kept on the host, so a map too small for the grid is an error
+    also where the corners live on a GPU (and reading them there would wait for it)."""
+    embedder = LocalEmbedder(2, torch.tensor([[0, 0], [5, 6]]), size=3, project=False)
+    assert embedder.extent == (0, 8, 9)
+    assert embedder(torch.randn(1, 2, 8, 9)).shape == (1, 2, 18)
+    with pytest.raises(ValueError, match="do not fit in the 8x8 map"):
+        embedder(torch.randn(1, 2, 8, 8))
+
+
 @pytest.mark.parametrize("project", [True, False])
 def test_local_embedder(project: bool):
     grid = official_region_grid(48, 48, 3)

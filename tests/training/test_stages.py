@@ -376,3 +376,35 @@ def test_cuda_compiled_run_agrees_with_eager_within_seed_noise(tiny_config, tmp_
     compiled = losses("compiled", Speed(compile=True), 0)
     other_seed = losses("seed1", Speed(compile=False), 1)
     assert (compiled - eager).abs().mean() < (other_seed - eager).abs().mean()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "stage", ["global", "local", "local-transformed", "finetune", "finetune-mixup"]
+)
+def test_cuda_training_steps_never_wait_for_the_gpu(stage, stage_runs, tiny_config, tmp_path):
+    """An eager step only queues work: no copy, read or check in it waits for the GPU, so the
+    host runs ahead of the device (CUDA's sync debug mode raises at any synchronising call)."""
+    global_dir, _ = stage_runs
+    local = [f"encoder={global_dir}", "loss.strategy=LD", "loss.volumes_per_batch=2"]
+    transformed = [*local, "loss.views=transformed"]
+    cases = {
+        "global": (GlobalPretrainer, PretrainGlobalRun, ["loss.volumes_per_batch=2"]),
+        "local": (LocalPretrainer, PretrainLocalRun, local),
+        "local-transformed": (LocalPretrainer, PretrainLocalRun, transformed),
+        "finetune": (Finetuner, FinetuneRun, []),
+        "finetune-mixup": (Finetuner, FinetuneRun, ["finetune.mixup_alpha=0.4"]),
+    }
+    trainer_class, run_class, overrides = cases[stage]
+    config = tiny_config(run_class, "optim.iterations=10", *overrides)
+    trainer = trainer_class(config, tmp_path, "cuda", Speed(compile=False))
+    trainer.build()
+    trainer.train_step(1)  # the first step finds the pairs and may wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for iteration in (2, 3):
+            trainer.train_step(iteration)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from contraseg.config import FinetuneAugmentConfig, LocalAugmentConfig, PretrainAugmentConfig
+from contraseg.devices import to_device
 
 __all__ = [
     "adjust_hue",
@@ -64,15 +65,6 @@ def _check_cpu(generator: torch.Generator) -> None:
     # Parameters must come from a CPU generator so that a seed means the same thing everywhere.
     if generator.device.type != "cpu":
         raise ValueError(f"augmentation parameters need a CPU generator, got {generator.device}")
-
-
-def _to(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """A parameter drawn on the CPU, on the batch's device without waiting for the device: a
-    plain copy to a GPU waits for every queued kernel, a pinned asynchronous one does not."""
-    tensor = tensor.to(dtype=dtype)
-    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _pixel_to_theta(matrix: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -213,7 +205,7 @@ def sample_elastic_field(
     coarse = torch.randn(batch, 2, grid, grid, generator=generator, dtype=torch.float64)
     coarse = coarse * config.elastic_sigma_px * deform[:, None, None, None]
     dense = F.interpolate(
-        _to(coarse, device, torch.float32), size=size, mode="bicubic", align_corners=True
+        to_device(coarse, device, torch.float32), size=size, mode="bicubic", align_corners=True
     )
     return dense.permute(0, 2, 3, 1)
 
@@ -241,14 +233,14 @@ def warp(
     """
     batch, _, height, width = images.shape
     work = torch.float64 if images.dtype == torch.float64 else torch.float32
-    theta = _to(theta, images.device, work)
+    theta = to_device(theta, images.device, work)
     identity = torch.eye(2, 3, dtype=work, device=images.device).expand(batch, 2, 3)
     points = F.affine_grid(identity, [batch, 1, height, width], align_corners=False)
     if field is not None:
-        to_normalised = _to(
+        to_normalised = to_device(
             torch.tensor([2.0 / width, 2.0 / height], dtype=work), images.device, work
         )
-        points = points + _to(field, images.device, work) * to_normalised
+        points = points + to_device(field, images.device, work) * to_normalised
     grid = torch.einsum("bhwj,bij->bhwi", points, theta[:, :, :2]) + theta[:, None, None, :, 2]
     out = F.grid_sample(images.to(work), grid, mode=mode, padding_mode=padding, align_corners=False)
     return out.to(images.dtype)
@@ -284,7 +276,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return _to(values, images.device, images.dtype).view(-1, 1, 1, 1)
+    return to_device(values, images.device, images.dtype).view(-1, 1, 1, 1)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

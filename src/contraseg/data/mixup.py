@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contraseg.devices import to_device
+
 
 def sample_mixup(batch: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(lam, perm): per-image weights in [0.5, 1] (float32, (B,)) and a permutation (B,), drawn
@@ -47,8 +49,8 @@ def mixup(
         raise ValueError(f"mixup needs (B, K, H, W) class probabilities, got {target.dtype}")
     if not images.shape[0] == target.shape[0] == lam.shape[0] == perm.shape[0]:
         raise ValueError("images, target, lam and perm must share the batch size")
-    weight = lam.to(device=images.device, dtype=torch.float32).view(-1, 1, 1, 1)
-    perm = perm.to(images.device)
+    weight = to_device(lam, images.device, torch.float32).view(-1, 1, 1, 1)
+    perm = to_device(perm, images.device)
     mixed = (weight * images + (1 - weight) * images[perm]).to(images.dtype)
     mixed_target = weight * target + (1 - weight) * target[perm]
     mixed_ignore = None if ignore is None else ignore | ignore[perm]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contraseg.devices import to_device
 from contraseg.errors import InputError
 
 # Share of the device's free memory (of the host's memory on the CPU) a pool may take before it
@@ -126,16 +127,10 @@ class SlicePool:
     def __len__(self) -> int:
         return int(self.sizes.sum())
 
-    def to_device(self, tensor: Tensor) -> Tensor:
-        """A small CPU tensor on the pool's device without waiting for the device."""
-        if self.device.type != "cuda":
-            return tensor.to(self.device)
-        return tensor.pin_memory().to(self.device, non_blocking=True)
-
     def batch(self, vol: Tensor, part: Tensor, sl: Tensor) -> SliceBatch:
         """The :class:`SliceBatch` of slices ``sl`` of volumes ``vol`` (CPU int64 tensors)."""
         flat = self.starts[vol] + sl
-        ids = self.to_device(torch.stack([flat, vol, part, sl]))
+        ids = to_device(torch.stack([flat, vol, part, sl]), self.device)
         if self._images is not None:
             images = self._images.index_select(0, ids[0])
             labels = None if self._labels is None else self._labels.index_select(0, ids[0])

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contraseg.devices import to_device
+
 SEGMENTATION_LOSSES = ("dice", "dice_fg", "ce", "dice_ce")
 DICE_EPS = 1e-10
 # Label value of a pixel that takes no part in the loss (pseudo-labels below the threshold).
@@ -151,7 +153,7 @@ def weighted_cross_entropy(
     with torch.autocast(device_type=logits.device.type, enabled=False):
         weights = None
         if class_weights is not None:
-            weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
+            weights = to_device(torch.as_tensor(class_weights, dtype=torch.float32), logits.device)
         if target.dtype.is_floating_point:
             terms = -torch.log_softmax(logits.float(), dim=1) * target.float()
             if weights is not None:

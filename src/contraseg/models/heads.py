@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contraseg.devices import to_device
+
 # Grid coordinates (row, col) on the 5x5 grid g in {0..4}^2 (official ``models.py``). The
 # anchors are the 9 points with both coordinates even and the 4 with both odd; the table gives
 # 5 "nearby" negatives per anchor. Four negatives, (1,2) (2,1) (2,3) (3,2), are not anchors, so
@@ -131,6 +133,9 @@ def extract_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
     Returns:
         (B, R, C*K*K), each region flattened channel-major (c, row, col), gathered with one
         advanced-indexing call so that it costs the same for 13 regions or 2000.
+
+    Corners on the CPU are checked against the map's size; corners already on a GPU are not,
+    since reading them would wait for the device (:class:`LocalEmbedder` checks its own).
     """
     if fmap.ndim != 4:
         raise ValueError(f"fmap must be (B, C, H, W), got shape {tuple(fmap.shape)}")
@@ -138,23 +143,33 @@ def extract_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
         raise ValueError(f"corners must be an integer (R, 2) tensor, got {tuple(corners.shape)}")
     if size < 1:
         raise ValueError(f"region size must be positive, got {size}")
-    height, width = fmap.shape[2], fmap.shape[3]
+    if corners.device.type == "cpu":  # checked where that needs no wait for the device
+        check_regions_fit(region_extent(corners, size), fmap.shape[2], fmap.shape[3], size)
     corners = corners.to(device=fmap.device, dtype=torch.long)
-    if corners.numel() and (
-        corners.min() < 0
-        or corners[:, 0].max() + size > height
-        or corners[:, 1].max() + size > width
-    ):
-        raise ValueError(
-            f"regions of size {size} at the given corners do not fit in the {height}x{width} map "
-            f"(the feature map is smaller than the region grid)"
-        )
     offsets = torch.arange(size, device=fmap.device)
     rows = (corners[:, 0, None] + offsets)[:, :, None]  # (R, K, 1)
     cols = (corners[:, 1, None] + offsets)[:, None, :]  # (R, 1, K)
     patches = fmap[:, :, rows, cols]  # (B, C, R, K, K)
     batch, channels, n_regions = fmap.shape[0], fmap.shape[1], corners.shape[0]
     return patches.permute(0, 2, 1, 3, 4).reshape(batch, n_regions, channels * size * size)
+
+
+def region_extent(corners: Tensor, size: int) -> tuple[int, int, int]:
+    """(smallest corner coordinate, rows, columns) that ``size`` x ``size`` regions at
+    ``corners`` (R, 2) span; (0, 0, 0) for none."""
+    if not corners.numel():
+        return 0, 0, 0
+    return int(corners.min()), int(corners[:, 0].max()) + size, int(corners[:, 1].max()) + size
+
+
+def check_regions_fit(extent: tuple[int, int, int], height: int, width: int, size: int) -> None:
+    """ValueError unless regions of :func:`region_extent` ``extent`` lie in a height x width map."""
+    low, rows, cols = extent
+    if low < 0 or rows > height or cols > width:
+        raise ValueError(
+            f"regions of size {size} at the given corners do not fit in the {height}x{width} map "
+            f"(the feature map is smaller than the region grid)"
+        )
 
 
 def region_points(corners: Tensor, size: int, fmap_size: tuple[int, int]) -> Tensor:
@@ -183,8 +198,8 @@ def view_points(points: Tensor, theta: Tensor) -> Tensor:
     """
     theta = theta.to(torch.float64)
     # inverted where theta was drawn (the CPU: no wait for the GPU), applied where points are
-    inverse = torch.linalg.inv(theta[:, :, :2]).to(points.device)
-    shifted = points.to(torch.float64)[None] - theta[:, None, None, :, 2].to(points.device)
+    inverse = to_device(torch.linalg.inv(theta[:, :, :2]), points.device)
+    shifted = points.to(torch.float64)[None] - to_device(theta[:, None, None, :, 2], points.device)
     return torch.einsum("bij,brpj->brpi", inverse, shifted)
 
 
@@ -285,10 +300,13 @@ class LocalEmbedder(nn.Module):
         self.g2 = LocalHead(channels)
         self.projector = RegionProjector(channels * size * size, out) if project else None
         self.register_buffer("corners", corners.to(torch.long).clone(), persistent=False)
+        # on the CPU now, so that forward checks the map's size without reading the device
+        self.extent = region_extent(corners.cpu(), size)
 
     def forward(self, fmap: Tensor, points: Tensor | None = None) -> Tensor:
         features = self.g2(fmap)
         if points is None:
+            check_regions_fit(self.extent, features.shape[2], features.shape[3], self.size)
             regions = extract_regions(features, self.corners, self.size)
         else:
             regions = sample_regions(features, points)

@@ -99,8 +99,10 @@ _BAR_DISABLE = None if autonotebook.tqdm is std.tqdm else False
 
 
 # torch.compile is chosen by default on CUDA for runs with at least this many iterations left:
-# the iterations in which a faster step repays the compilation (bench/gpu.sh measures both).
-COMPILE_MIN_ITERATIONS = 2000
+# the iterations in which a faster step repays the compilation. Measured by bench/gpu.sh on an
+# H200 at the paper's sizes (BENCHMARKS.md, "When torch.compile pays for itself"): 1850, 3250
+# and 3770 iterations for the global, local and fine-tuning stages.
+COMPILE_MIN_ITERATIONS = 4000
 # Where torch.compile's errors come from (see Trainer._compile_failure).
 COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
 # Seeds of the ranks' augmentation generators lie this far apart (seeds are below 2**32).
