@@ -108,7 +108,9 @@ step() {
     fi
 }
 
-step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -n 8 tests
+# -vv: one line per test as it ends (addopts has -q), so a log cut off at the limit still
+# names every failure so far
+step tests 240 "$PYTHON" -m pytest -vv -p no:cacheprovider -n 8 tests
 step stages 230 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants no-compile default --run-iterations 200 --warm-up 20 --write
 step demo 120 "$PYTHON" bench/bench_demo.py --device cuda --write

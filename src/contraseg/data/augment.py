@@ -284,7 +284,7 @@ def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
     Linear, so it is defined for intensities outside [0, 1] (normalised images have them).
     """
-    luma = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    luma = to_device(torch.tensor(_LUMA), images.device, images.dtype).view(1, 3, 1, 1)
     grey = (images * luma).sum(dim=1, keepdim=True)
     return grey + _per_image(factor, images) * (images - grey)
 
@@ -306,7 +306,7 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         torch.where(which == 1, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
     )
     sextant = torch.remainder(sextant + 6.0 * _per_image(shift, images)[:, 0], 6.0)
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype)
+    offsets = to_device(torch.tensor([5.0, 3.0, 1.0]), images.device, images.dtype)
     k = torch.remainder(offsets.view(1, 3, 1, 1) + sextant[:, None], 6.0)
     return high[:, None] - chroma[:, None] * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 

@@ -210,8 +210,9 @@ def points_inside(points: Tensor, fmap_size: tuple[int, int]) -> Tensor:
     that every sample interpolates between pixels of the view and none is a border copy.
     """
     height, width = fmap_size
-    limit = torch.tensor([1 - 1 / width, 1 - 1 / height], dtype=points.dtype, device=points.device)
-    return (points.abs() <= limit + 1e-9).all(dim=-1).all(dim=-1)
+    inside_x = points[..., 0].abs() <= 1 - 1 / width + 1e-9
+    inside_y = points[..., 1].abs() <= 1 - 1 / height + 1e-9
+    return (inside_x & inside_y).all(dim=-1)
 
 
 def sample_regions(fmap: Tensor, points: Tensor) -> Tensor:
