@@ -20,9 +20,9 @@ one. The rules of a run directory (what is ours, locking, resume, failures) are 
 docs/training.md.
 
 Speed (docs/training.md, "Speed and several GPUs"): the loop never waits for the device
-between log, validation and checkpoint points; on CUDA it trains under bf16 autocast with
-channels-last weights, fused Adam and, for runs long enough to pay for the compilation,
-``torch.compile`` with CUDA graphs (:class:`Speed` chooses otherwise). Under
+between log, validation and checkpoint points; convolution weights are channels-last; on
+CUDA it trains under bf16 autocast with fused Adam and, for runs long enough to pay for the
+compilation, ``torch.compile`` with CUDA graphs (:class:`Speed` chooses otherwise). Under
 ``torchrun --nproc_per_node=N`` the stage's network (``self.net``) runs in
 ``DistributedDataParallel``; every rank trains, rank 0 alone writes the run directory, and an
 error met by one rank stops all of them (:func:`~contraseg.training.distributed.agree`).
@@ -120,7 +120,8 @@ class Speed:
     - ``compile_backend``: torch.compile's backend, a name or a callable ("aot_eager" traces
       without generating code, which is how the CPU tests check that the networks compile).
     - ``autocast``: bf16 autocast of the forward pass (default on CUDA).
-    - ``channels_last``: convolution weights in channels-last layout (default on CUDA).
+    - ``channels_last``: convolution weights in channels-last layout (default on every
+      device: faster on the CPU as on the GPU, BENCHMARKS.md).
     - ``fused_adam``: Adam's fused kernel (default on CUDA).
     - ``pool_budget``: bytes the device-resident slice pool may take (default
       ``contraseg.data.sampling.default_budget``); a larger pool is gathered on the host.
@@ -266,7 +267,7 @@ class Trainer:
         self.speed = speed or Speed()
         cuda = self.device.type == "cuda"
         self.autocast = cuda if self.speed.autocast is None else self.speed.autocast
-        self.channels_last = cuda if self.speed.channels_last is None else self.speed.channels_last
+        self.channels_last = self.speed.channels_last is not False
         self.fused_adam = cuda if self.speed.fused_adam is None else self.speed.fused_adam
         self.compiled = False  # decided when the loop starts, from the iterations left
         self.cuda_graphs = False  # compiled with CUDA graphs (one GPU)
