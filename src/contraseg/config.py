@@ -217,6 +217,11 @@ class ModelConfig:
     )
     g1_hidden: int = option(1024, help="hidden units of the global head g1", low=1, high=65536)
     g1_out: int = option(128, help="output dimension of g1", low=1, high=65536)
+    g1_batch_norm: bool = option(
+        True,
+        help="batch norm after g1's hidden layer, as the paper's supplement 1.1 says (false: the "
+        "official code's g1, in which G^D can collapse: docs/data.md)",
+    )
     g2_out: int = option(128, help="dimension of a local region embedding (g2)", low=1, high=65536)
     g2_project: bool = option(
         True, help="flatten K x K regions and project them by a shared dense layer (official)"

@@ -29,8 +29,11 @@ def test_global_embeddings_are_the_normalised_g1_of_e(tiny_config, tmp_path):
     unet = build_unet(config.model, prepared).eval()
     height, width = cases[0].image.shape[-2:]
     head = GlobalHead(
-        unet.bottleneck_features(height, width), config.model.g1_hidden, config.model.g1_out
-    )
+        unet.bottleneck_features(height, width),
+        config.model.g1_hidden,
+        config.model.g1_out,
+        config.model.g1_batch_norm,
+    ).eval()
     g1 = {f"g1.{k}": v for k, v in head.state_dict().items()}
     save_weights(tmp_path / "weights.safetensors", {**partial_state_dict(unet), **g1})
 

@@ -37,13 +37,27 @@ SPEC_TABLE = {
 }
 
 
-def test_global_head_shapes_and_no_bias():
-    head = GlobalHead(4608)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_global_head_shapes_and_no_bias(batch_norm):
+    head = GlobalHead(4608, batch_norm=batch_norm)
     assert head(torch.randn(3, 128, 6, 6)).shape == (3, 128)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(4608, 1024), (1024, 128)]
     assert all(m.bias is None for m in linears)
-    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [m.num_features for m in norms] == ([1024] if batch_norm else [])
+
+
+def test_global_head_batch_norm_removes_what_every_slice_shares():
+    """Why the paper's batch norm keeps G^D out of its collapse: a direction that every input of
+    the batch shares (the collapsed state) does not reach the embeddings through the norm, while
+    the official head passes it on."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 1, 1)
+    shared = 5 * torch.randn(1, 16, 1, 1)
+    with_norm, official = GlobalHead(16, 32, 8), GlobalHead(16, 32, 8, batch_norm=False)
+    torch.testing.assert_close(with_norm(x + shared), with_norm(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(official(x + shared), official(x), atol=1e-2)
 
 
 def test_local_head_keeps_shape_and_ends_linear():

@@ -49,7 +49,7 @@ def test_gd_loss_falls_below_chance(global_gd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "iterations"), [("GR", 600), ("GD-", 400)])
+@pytest.mark.parametrize(("strategy", "iterations"), [("GR", 600), ("GD-", 600)])
 def test_global_loss_falls_below_chance(tiny_config, tmp_path, strategy, iterations):
     _assert_leaves_chance(_global_run(tiny_config, tmp_path, strategy, iterations))
 

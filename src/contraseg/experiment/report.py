@@ -60,7 +60,10 @@ def global_embeddings(
     load_partial(unet, {k: v for k, v in state.items() if k.startswith("encoder.")})
     height, width = cases[0].image.shape[-2:]
     head = GlobalHead(
-        unet.bottleneck_features(height, width), config.model.g1_hidden, config.model.g1_out
+        unet.bottleneck_features(height, width),
+        config.model.g1_hidden,
+        config.model.g1_out,
+        config.model.g1_batch_norm,
     )
     head.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("g1.")})
     where = resolve_device(device)

@@ -238,16 +238,25 @@ def sample_regions(fmap: Tensor, points: Tensor) -> Tensor:
 
 
 class GlobalHead(nn.Module):
-    """g1: flatten -> Linear(in_features, hidden, no bias) -> ReLU -> Linear(hidden, out, no bias).
+    """g1: flatten -> Linear(in_features, hidden, no bias) -> [BatchNorm1d] -> ReLU ->
+    Linear(hidden, out, no bias).
 
     ``in_features`` is e's flattened output, ``UNet.bottleneck_features(H, W)`` (4608 at 192).
+    ``batch_norm``: the paper puts batch norm after every layer but the last ones (supplement
+    1.1); the official code's g1 has none. Without it G^D's embeddings can collapse to one
+    direction and stay there (docs/data.md, "G^D on the paper preset"): the norm removes the
+    direction all slices share.
     """
 
-    def __init__(self, in_features: int, hidden: int = 1024, out: int = 128) -> None:
+    def __init__(
+        self, in_features: int, hidden: int = 1024, out: int = 128, batch_norm: bool = True
+    ) -> None:
         super().__init__()
+        norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_features, hidden, bias=False),
+            *norm,
             nn.ReLU(inplace=True),
             nn.Linear(hidden, out, bias=False),
         )

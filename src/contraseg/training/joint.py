@@ -71,7 +71,10 @@ class JointPretrainer(Trainer):
         self.unet = build_unet(cfg.model, prepared)
         height, width = self.global_sampler.pool.slice_shape[-2:]
         self.g1 = GlobalHead(
-            self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
+            self.unet.bottleneck_features(height, width),
+            cfg.model.g1_hidden,
+            cfg.model.g1_out,
+            cfg.model.g1_batch_norm,
         )
         head = local_embedder(self.unet, local, cfg.model, height, width, section="local_loss")
         self.embedder = head.embedder

@@ -75,7 +75,9 @@ class PretextPretrainer(Trainer):
                 )
             self.unet = build_unet(cfg.model, prepared)
             features = self.unet.bottleneck_features(*self.size)
-            self.head: nn.Module = GlobalHead(features, cfg.model.g1_hidden, ROTATIONS)
+            self.head: nn.Module = GlobalHead(
+                features, cfg.model.g1_hidden, ROTATIONS, cfg.model.g1_batch_norm
+            )
             trained = [*self.unet.encoder.parameters(), *self.head.parameters()]
             self.model = nn.ModuleDict({"unet": self.unet, "head": self.head})
         else:

@@ -276,7 +276,10 @@ class GlobalPretrainer(Trainer):
         self.unet.head.requires_grad_(False)
         height, width = self.sampler.pool.slice_shape[-2:]
         self.g1 = GlobalHead(
-            self.unet.bottleneck_features(height, width), cfg.model.g1_hidden, cfg.model.g1_out
+            self.unet.bottleneck_features(height, width),
+            cfg.model.g1_hidden,
+            cfg.model.g1_out,
+            cfg.model.g1_batch_norm,
         )
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
         self.net = GlobalNet(self.unet, self.g1)
