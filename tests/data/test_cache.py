@@ -6,16 +6,23 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from child_process import child_env
 
 from contraseg.config import DataConfig
 from contraseg.data import cache as cache_module
 from contraseg.data.cache import prepare_dataset
 from contraseg.data.readers import get_reader
 from contraseg.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 
 def _config(root: Path, **kwargs) -> DataConfig:
@@ -188,9 +195,8 @@ def test_files_of_a_killed_run_are_deleted_by_the_next(phantom_root: Path) -> No
     """A hard kill leaves arrays that no manifest names; the journal (.pending.json) written
     before them lets the next run delete them, and nothing else."""
     first = prepare_dataset(_config(phantom_root), progress=False)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     killed = subprocess.run(
-        [sys.executable, "-c", _KILL_THIRD_CASE, str(phantom_root)], env=env, check=False
+        [sys.executable, "-c", _KILL_THIRD_CASE, str(phantom_root)], env=child_env(), check=False
     )
     assert killed.returncode == 9
     cache_dir = first.cache_dir
@@ -228,3 +234,40 @@ def test_a_tampered_manifest_is_not_trusted(phantom_root: Path, tmp_path: Path, 
     assert victim.read_bytes() == b"keep"
     assert (first.cache_dir / "patient001" / "notes.txt").is_file()
     assert first.cases["patient002"].image_path.exists()  # untrusted: not deleted either
+
+
+_PREPARE = """
+import sys
+from contraseg.config import DataConfig
+from contraseg.data.cache import prepare_dataset
+config = DataConfig(dataset="phantom", root=sys.argv[1], size=[32, 32], target_spacing=[2, 2],
+                    percentiles=[2.0, 98.0])
+print(len(prepare_dataset(config, progress=False).cases))
+"""
+
+
+@pytest.mark.skipif(fcntl is None, reason="caches are locked on POSIX only")
+def test_a_second_process_waits_for_the_one_preparing_the_cache(phantom_root: Path) -> None:
+    """While one process holds the cache (here: the test, through the same lock), another one
+    that prepares it says so and waits, then finishes with an intact cache."""
+    first = prepare_dataset(_config(phantom_root), progress=False)
+    fd = os.open(phantom_root, os.O_RDONLY)  # the folder above the default cache
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, str(phantom_root)],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)
+        assert child.poll() is None, child.communicate()
+    finally:
+        os.close(fd)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert "another process is preparing this cache; waiting" in err
+    assert int(out) == len(first.cases)
+    again = prepare_dataset(_config(phantom_root), progress=False)
+    assert again.cases.keys() == first.cases.keys()

@@ -63,6 +63,11 @@ from contraseg.data.readers.base import Reader
 from contraseg.data.volume import CaseFiles, check_case_id
 from contraseg.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: caches are not locked
+    fcntl = None  # type: ignore[assignment]
+
 MANIFEST = "manifest.json"
 MARKER = "CACHEDIR.TAG"
 PENDING = ".pending.json"
@@ -472,8 +477,47 @@ def prepare_dataset(
     cases = reader.list_cases(root)  # a missing folder or file fails here, before any write
     if not cases:
         raise InputError(root, "no cases found")
-    params = params_for(config, reader)
     cache_dir = _cache_dir(config, root)
+    with _one_at_a_time(cache_dir):
+        return _prepare(config, reader, root, cases, cache_dir, progress, verify)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(cache_dir: Path) -> Iterator[None]:
+    """One process at a time prepares into ``cache_dir``; another waits, then reuses its work.
+
+    Two at once could each take the other's journalled files for an interrupted run's and
+    delete them. The lock is an advisory ``flock`` on the nearest existing folder above the
+    cache, which writes nothing and ends with the process, however it ends.
+    """
+    if fcntl is None:  # not POSIX: no lock
+        yield
+        return
+    folder = next(p for p in cache_dir.parents if p.is_dir())
+    with _writing(folder):
+        fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("%s: another process is preparing this cache; waiting", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _prepare(
+    config: DataConfig,
+    reader: Reader,
+    root: Path,
+    cases: list[CaseFiles],
+    cache_dir: Path,
+    progress: bool,
+    verify: bool,
+) -> PreparedDataset:
+    """:func:`prepare_dataset` once the cache is this process's alone."""
+    params = params_for(config, reader)
     ours = _check_owner(cache_dir)
     _check_case_folders(cache_dir, cases)
     settings = {
