@@ -5,11 +5,11 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
+import volume_kit
 
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
@@ -38,9 +38,7 @@ def test_phantom_through_the_acdc_code(phantom_master: Path) -> None:
     assert volume.spacing == pytest.approx(header.get_zooms())
 
 
-def test_hand_made_case_ed_frame_affine_float_labels(
-    acdc_case: AcdcCase, helpers: SimpleNamespace
-) -> None:
+def test_hand_made_case_ed_frame_affine_float_labels(acdc_case: AcdcCase) -> None:
     affine = np.array(
         [[0.0, -1.4, 0.0, 10.0], [1.4, 0.0, 0.0, -5.0], [0.0, 0.0, 8.0, 3.0], [0, 0, 0, 1]]
     )
@@ -53,7 +51,7 @@ def test_hand_made_case_ed_frame_affine_float_labels(
     volume = reader.load(case)
     np.testing.assert_allclose(volume.affine, affine)
     assert volume.spacing == pytest.approx((1.4, 1.4, 8.0))
-    np.testing.assert_array_equal(volume.label, helpers.smooth_label((30, 34, 6)))
+    np.testing.assert_array_equal(volume.label, volume_kit.smooth_label((30, 34, 6)))
 
 
 def test_frames_es_and_both(acdc_case: AcdcCase) -> None:
@@ -110,11 +108,11 @@ def test_missing_image_or_label(acdc_case: AcdcCase) -> None:
 
 
 def _load_with(
-    acdc_case: AcdcCase, helpers: SimpleNamespace, which: str, data: np.ndarray
+    acdc_case: AcdcCase, which: str, data: np.ndarray
 ) -> tuple[Path, Callable[[], object]]:
     folder = acdc_case()
     path = folder / f"patient001_frame04{'_gt' if which == 'label' else ''}.nii.gz"
-    helpers.save_nifti(path, data)
+    volume_kit.save_nifti(path, data)
     reader = _reader()
     (case,) = reader.list_cases(folder.parent)
     return path, lambda: reader.load(case)
@@ -134,16 +132,14 @@ def _load_with(
         ("label", np.full((30, 34, 6), 1.5, np.float32), "non-integer"),
     ],
 )
-def test_bad_volumes(
-    acdc_case: AcdcCase, helpers: SimpleNamespace, which: str, data: np.ndarray, match: str
-) -> None:
-    path, load = _load_with(acdc_case, helpers, which, data)
+def test_bad_volumes(acdc_case: AcdcCase, which: str, data: np.ndarray, match: str) -> None:
+    path, load = _load_with(acdc_case, which, data)
     _raises_on(path, match, load)
 
 
-def test_trailing_singleton_axis_is_accepted(acdc_case: AcdcCase, helpers: SimpleNamespace) -> None:
-    label = helpers.smooth_label((30, 34, 6)).astype(np.float32)[..., None]
-    _, load = _load_with(acdc_case, helpers, "label", label)
+def test_trailing_singleton_axis_is_accepted(acdc_case: AcdcCase) -> None:
+    label = volume_kit.smooth_label((30, 34, 6)).astype(np.float32)[..., None]
+    _, load = _load_with(acdc_case, "label", label)
     assert load().label.shape == (30, 34, 6)
 
 

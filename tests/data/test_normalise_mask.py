@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import volume_kit
 
 from contraseg.data.preprocess import (
     IntensityProfile,
@@ -63,9 +64,7 @@ def test_the_warning_fires_for_skull_on_against_skull_stripped_and_not_for_alike
 
 
 @pytest.mark.parametrize("mode", ["none", "nonzero", "otsu"])
-def test_prepare_warns_once_in_one_line_about_the_unusual_case(
-    tmp_path, capsys, mode, helpers
-) -> None:
+def test_prepare_warns_once_in_one_line_about_the_unusual_case(tmp_path, capsys, mode) -> None:
     from contraseg.cli import main
 
     root = tmp_path / "Dataset001_Head"
@@ -74,11 +73,11 @@ def test_prepare_warns_once_in_one_line_about_the_unusual_case(
     affine = np.diag([1.0, 1.0, 3.0, 1.0])
     for i in range(2):
         image = _head(i, stripped=True)[..., 0]
-        helpers.save_nifti(root / "imagesTr" / f"case_{i}_0000.nii.gz", image, affine)
+        volume_kit.save_nifti(root / "imagesTr" / f"case_{i}_0000.nii.gz", image, affine)
         label = (image > 0).astype(np.uint8)
-        helpers.save_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label, affine)
+        volume_kit.save_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label, affine)
     skull_on = _head(5, stripped=False)[..., 0]
-    helpers.save_nifti(root / "imagesUnlabelled" / "new_0000.nii.gz", skull_on, affine)
+    volume_kit.save_nifti(root / "imagesUnlabelled" / "new_0000.nii.gz", skull_on, affine)
     (root / "dataset.json").write_text(
         '{"channel_names": {"0": "T1"}, "labels": {"background": 0, "brain": 1}, '
         '"numTraining": 2, "file_ending": ".nii.gz"}'

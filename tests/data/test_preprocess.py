@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import volume_kit
 
 from contraseg.config import DataConfig
 from contraseg.data.preprocess import (
@@ -73,8 +73,8 @@ def test_normalise_percentiles_without_clipping() -> None:
     assert np.all(normalise(np.full((4, 4, 2, 1), 3.0, np.float32), (1, 99)) == 0)
 
 
-def test_shapes_crop_and_pad(helpers: SimpleNamespace) -> None:
-    label = helpers.smooth_label((50, 70, 5))
+def test_shapes_crop_and_pad() -> None:
+    label = volume_kit.smooth_label((50, 70, 5))
     volume = _volume(label, (1.5, 1.0, 8.0))
     image, lab, grid = preprocess_volume(
         volume, PreprocessParams((1.0, 1.0), (60, 80), False, (1, 99))
@@ -92,8 +92,8 @@ def test_shapes_crop_and_pad(helpers: SimpleNamespace) -> None:
     )
 
 
-def test_identity_grid_is_exact(helpers: SimpleNamespace) -> None:
-    label = helpers.smooth_label((40, 40, 4))
+def test_identity_grid_is_exact() -> None:
+    label = volume_kit.smooth_label((40, 40, 4))
     _, lab, grid = preprocess_volume(
         _volume(label, (1.5, 1.5, 8.0)), PreprocessParams((1.5, 1.5), (40, 40), False, (1, 99))
     )
@@ -107,10 +107,8 @@ def test_identity_grid_is_exact(helpers: SimpleNamespace) -> None:
         ((170, 150, 4), (1.25, 1.3, 10.0), (176, 160)),  # downsampled, padded
     ],
 )
-def test_inverse_dice_on_native_grid(
-    helpers: SimpleNamespace, native: tuple, spacing: tuple, size: tuple
-) -> None:
-    label = helpers.smooth_label(native)
+def test_inverse_dice_on_native_grid(native: tuple, spacing: tuple, size: tuple) -> None:
+    label = volume_kit.smooth_label(native)
     params = PreprocessParams((1.36719, 1.36719), size, False, (1, 99))
     _, lab, grid = preprocess_volume(_volume(label, spacing), params)
     assert grid.native_shape == native
@@ -143,8 +141,8 @@ def test_probabilities_outside_the_window_are_background() -> None:
         probabilities_to_native(probs[:1], grid)
 
 
-def test_grid_info_json_round_trip(helpers: SimpleNamespace) -> None:
-    volume = _volume(helpers.smooth_label((33, 31, 3)), (1.4, 1.45, 7.0))
+def test_grid_info_json_round_trip() -> None:
+    volume = _volume(volume_kit.smooth_label((33, 31, 3)), (1.4, 1.45, 7.0))
     _, _, grid = preprocess_volume(volume, PreprocessParams((1.0, 1.2), (32, 40), False, (1, 99)))
     assert GridInfo.from_json(json.loads(json.dumps(grid.to_json()))) == grid
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bundle_kit
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,10 +34,10 @@ def _refused(folder: Path, *fragments: str) -> str:
     return message
 
 
-def test_round_trip(tmp_path, ix):
-    folder = ix.make_bundle(tmp_path / "m", label_values=(0, 205, 420, 850), seed=4)
+def test_round_trip(tmp_path):
+    folder = bundle_kit.make_bundle(tmp_path / "m", label_values=(0, 205, 420, 850), seed=4)
     bundle, network = load_bundle(folder)
-    assert bundle == ix.bundle_description(label_values=(0, 205, 420, 850))
+    assert bundle == bundle_kit.bundle_description(label_values=(0, 205, 420, 850))
     assert bundle.format_version == FORMAT_VERSION
     assert not network.training
     stored = load_file(str(folder / WEIGHTS))
@@ -49,8 +50,8 @@ def test_round_trip(tmp_path, ix):
     assert set(obj["provenance"]) >= {"dataset", "init", "best_val_dice", "config_sha256"}
 
 
-def test_version_1_reads_with_the_medical_dice_rule(tmp_path, ix):
-    folder = ix.make_bundle(tmp_path / "m", absent_classes="leave_out")
+def test_version_1_reads_with_the_medical_dice_rule(tmp_path):
+    folder = bundle_kit.make_bundle(tmp_path / "m", absent_classes="leave_out")
 
     def to_v1(obj):
         obj["format_version"] = 1
@@ -69,8 +70,8 @@ def test_version_1_reads_with_the_medical_dice_rule(tmp_path, ix):
         (True, "not"),
     ],
 )
-def test_unsupported_format_version(tmp_path, ix, version, fragment):
-    folder = ix.make_bundle(tmp_path / "m")
+def test_unsupported_format_version(tmp_path, version, fragment):
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     _edit(folder, lambda obj: obj.update(format_version=version))
     _refused(folder, MODEL_JSON, fragment)
 
@@ -127,14 +128,14 @@ BAD_FIELDS = [
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), BAD_FIELDS)
-def test_bad_field_is_refused_in_one_line(tmp_path, ix, key, value, fragment):
-    folder = ix.make_bundle(tmp_path / "m")
+def test_bad_field_is_refused_in_one_line(tmp_path, key, value, fragment):
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     _edit(folder, _set(key, value))
     _refused(folder, str(folder / MODEL_JSON), fragment)
 
 
-def test_nan_in_model_json_is_refused(tmp_path, ix):
-    folder = ix.make_bundle(tmp_path / "m")
+def test_nan_in_model_json_is_refused(tmp_path):
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     text = (
         (folder / MODEL_JSON)
         .read_text()
@@ -145,8 +146,8 @@ def test_nan_in_model_json_is_refused(tmp_path, ix):
     _refused(folder, "target_spacing", "finite")
 
 
-def test_channel_needs_a_single_input_network(tmp_path, ix):
-    folder = ix.make_bundle(tmp_path / "m", in_channels=2)
+def test_channel_needs_a_single_input_network(tmp_path):
+    folder = bundle_kit.make_bundle(tmp_path / "m", in_channels=2)
     _edit(folder, _set("preprocessing.channel", 0))
     _refused(folder, "preprocessing.channel", "null")
 
@@ -163,8 +164,8 @@ def test_channel_needs_a_single_input_network(tmp_path, ix):
         (lambda f: (f / WEIGHTS).write_bytes((f / WEIGHTS).read_bytes()[:-100]), "safetensors"),
     ],
 )
-def test_damaged_files_are_refused(tmp_path, ix, damage, fragment):
-    folder = ix.make_bundle(tmp_path / "m")
+def test_damaged_files_are_refused(tmp_path, damage, fragment):
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     damage(folder)
     _refused(folder, fragment)
 
@@ -185,15 +186,15 @@ def _rewrite_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], N
         (lambda w: w["head.2.weight"].fill_(float("nan")), "NaN"),
     ],
 )
-def test_weights_that_do_not_match_are_refused(tmp_path, ix, change, fragment):
-    folder = ix.make_bundle(tmp_path / "m")
+def test_weights_that_do_not_match_are_refused(tmp_path, change, fragment):
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     _rewrite_weights(folder, change)
     _refused(folder, str(folder / WEIGHTS), fragment)
 
 
-def test_architecture_edited_to_another_size_is_refused_without_building_it(tmp_path, ix):
+def test_architecture_edited_to_another_size_is_refused_without_building_it(tmp_path):
     """Widths of 60000 would be a network of tens of GB: the check runs on the meta device."""
-    folder = ix.make_bundle(tmp_path / "m")
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     _edit(folder, _set("architecture.widths", [4, 8, 8, 8, 8, 60000]))
     _refused(folder, WEIGHTS, "the architecture in model.json needs")
 
@@ -210,7 +211,7 @@ class _Payload:
 
 @pytest.mark.parametrize("where", [WEIGHTS, MODEL_JSON])
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
-def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, ix, where, kind):
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, where, kind):
     marker = tmp_path / "marker"
     payload = tmp_path / "payload"
     if kind == "pickle":
@@ -224,7 +225,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, ix, where, kind):
     assert marker.exists()
     marker.unlink()
 
-    folder = ix.make_bundle(tmp_path / "m")
+    folder = bundle_kit.make_bundle(tmp_path / "m")
     (folder / where).write_bytes(payload.read_bytes())
     _refused(folder, where)
     assert not marker.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bundle_kit
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,10 +24,10 @@ def _names(scans):
     return [(s.name, [p.name for p in s.paths], s.problem) for s in scans]
 
 
-def test_a_folder_of_files_and_an_nnunet_folder(tmp_path, ix):
+def test_a_folder_of_files_and_an_nnunet_folder(tmp_path):
     affine = np.eye(4)
     for name in ("b.nii", "a.nii.gz", "img_0001.nii.gz", "img_0002.nii.gz"):
-        ix.save(tmp_path / "plain" / name, np.zeros((4, 4, 2), np.float32), affine)
+        bundle_kit.save(tmp_path / "plain" / name, np.zeros((4, 4, 2), np.float32), affine)
     (tmp_path / "plain" / "notes.txt").write_text("ignored")
     (tmp_path / "plain" / ".hidden.nii.gz").write_text("ignored")
     assert _names(find_scans(tmp_path / "plain")) == [
@@ -36,8 +37,8 @@ def test_a_folder_of_files_and_an_nnunet_folder(tmp_path, ix):
         ("img_0002", ["img_0002.nii.gz"], None),
     ]
     for name in ("x_0001.nii.gz", "x_0000.nii.gz", "y_0000.nii.gz", "z_0000.nii.gz"):
-        ix.save(tmp_path / "ts" / name, np.zeros((4, 4, 2), np.float32), affine)
-    ix.save(tmp_path / "ts" / "z_0002.nii.gz", np.zeros((4, 4, 2), np.float32), affine)
+        bundle_kit.save(tmp_path / "ts" / name, np.zeros((4, 4, 2), np.float32), affine)
+    bundle_kit.save(tmp_path / "ts" / "z_0002.nii.gz", np.zeros((4, 4, 2), np.float32), affine)
     scans = find_scans(tmp_path / "ts")
     assert _names(scans)[:2] == [
         ("x", ["x_0000.nii.gz", "x_0001.nii.gz"], None),
@@ -50,7 +51,7 @@ def test_a_folder_of_files_and_an_nnunet_folder(tmp_path, ix):
     assert _names(find_scans(tmp_path / "ts" / "y_0000.nii.gz")) == [("y", ["y_0000.nii.gz"], None)]
 
 
-def test_layout_errors(tmp_path, ix):
+def test_layout_errors(tmp_path):
     with pytest.raises(InputError, match="no such file or folder"):
         find_scans(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -60,18 +61,18 @@ def test_layout_errors(tmp_path, ix):
     with pytest.raises(InputError, match="not a NIfTI file"):
         find_scans(tmp_path / "scan.png")
     for name in ("a.nii", "a.nii.gz"):
-        ix.save(tmp_path / "twice" / name, np.zeros((4, 4, 2), np.float32), np.eye(4))
+        bundle_kit.save(tmp_path / "twice" / name, np.zeros((4, 4, 2), np.float32), np.eye(4))
     with pytest.raises(InputError, match="names the same case 'a'"):
         find_scans(tmp_path / "twice")
 
 
-def test_channel_files_must_share_a_grid(tmp_path, ix):
-    affine = ix.oblique_affine((1.0, 1.0, 3.0))
-    ix.save(tmp_path / "c_0000.nii.gz", np.ones((6, 5, 3), np.float32), affine)
+def test_channel_files_must_share_a_grid(tmp_path):
+    affine = bundle_kit.oblique_affine((1.0, 1.0, 3.0))
+    bundle_kit.save(tmp_path / "c_0000.nii.gz", np.ones((6, 5, 3), np.float32), affine)
     shifted = affine.copy()
     shifted[0, 3] += 2.0
-    ix.save(tmp_path / "c_0001.nii.gz", np.ones((6, 5, 3), np.float32), shifted)
-    ix.save(tmp_path / "c_0002.nii.gz", np.ones((6, 5, 4), np.float32), affine)
+    bundle_kit.save(tmp_path / "c_0001.nii.gz", np.ones((6, 5, 3), np.float32), shifted)
+    bundle_kit.save(tmp_path / "c_0002.nii.gz", np.ones((6, 5, 4), np.float32), affine)
     first = tmp_path / "c_0000.nii.gz"
     files = ScanFiles("c", (first, tmp_path / "c_0001.nii.gz"))
     with pytest.raises(
@@ -83,8 +84,8 @@ def test_channel_files_must_share_a_grid(tmp_path, ix):
         read_scan(files)
 
 
-def test_scans_of_every_dimensionality(tmp_path, ix):
-    affine = ix.oblique_affine((0.8, 0.9, 2.5))
+def test_scans_of_every_dimensionality(tmp_path):
+    affine = bundle_kit.oblique_affine((0.8, 0.9, 2.5))
     cases = {
         "two_d": (np.ones((7, 5), np.float32), (7, 5), (7, 5, 1, 1)),
         "three_d": (np.ones((7, 5, 3), np.float32), (7, 5, 3), (7, 5, 3, 1)),
@@ -92,17 +93,17 @@ def test_scans_of_every_dimensionality(tmp_path, ix):
         "two_channels": (np.ones((7, 5, 3, 2), np.float32), (7, 5, 3), (7, 5, 3, 2)),
     }
     for name, (data, shape, image_shape) in cases.items():
-        path = ix.save(tmp_path / f"{name}.nii.gz", data, affine)
+        path = bundle_kit.save(tmp_path / f"{name}.nii.gz", data, affine)
         scan = read_scan(ScanFiles(name, (path,)))
         assert (scan.shape, scan.image.shape) == (shape, image_shape), name
         np.testing.assert_allclose(scan.affine, nib.load(path).affine)
     assert read_scan(ScanFiles("a", (tmp_path / "two_d.nii.gz",))).spacing[2] == 1.0
-    five = ix.save(tmp_path / "five.nii.gz", np.ones((3, 3, 3, 2, 2), np.float32), affine)
+    five = bundle_kit.save(tmp_path / "five.nii.gz", np.ones((3, 3, 3, 2, 2), np.float32), affine)
     with pytest.raises(InputError, match="expected a 2-D, 3-D or 4-D image"):
         read_scan(ScanFiles("five", (five,)))
     nan = np.ones((4, 4, 2), np.float32)
     nan[1, 1, 1] = np.nan
-    path = ix.save(tmp_path / "nan.nii.gz", nan, affine)
+    path = bundle_kit.save(tmp_path / "nan.nii.gz", nan, affine)
     with pytest.raises(InputError, match="NaN or infinite"):
         read_scan(ScanFiles("nan", (path,)))
 
@@ -110,10 +111,10 @@ def test_scans_of_every_dimensionality(tmp_path, ix):
 @pytest.mark.parametrize("codes", [(0, 0), (1, 0), (0, 2), (2, 1), (1, 4)])
 @pytest.mark.parametrize("nifti2", [False, True])
 @pytest.mark.parametrize("shape", [(9, 7, 3), (9, 7), (9, 7, 3, 2)])
-def test_label_map_keeps_the_input_header(tmp_path, ix, codes, nifti2, shape):
-    affine = ix.oblique_affine((0.7, 1.3, 4.0))
+def test_label_map_keeps_the_input_header(tmp_path, codes, nifti2, shape):
+    affine = bundle_kit.oblique_affine((0.7, 1.3, 4.0))
     ending = ".nii" if nifti2 else ".nii.gz"
-    source = ix.save(
+    source = bundle_kit.save(
         tmp_path / f"in{ending}", np.ones(shape, np.float32), affine, *codes, nifti2=nifti2
     )
     scan = read_scan(ScanFiles("in", (source,)))
@@ -132,8 +133,8 @@ def test_label_map_keeps_the_input_header(tmp_path, ix, codes, nifti2, shape):
     assert {p.name for p in tmp_path.iterdir()} == {source.name, target.name}
 
 
-def test_big_endian_input(tmp_path, ix):
-    affine = ix.oblique_affine((1.0, 1.0, 2.0))
+def test_big_endian_input(tmp_path):
+    affine = bundle_kit.oblique_affine((1.0, 1.0, 2.0))
     image = nib.Nifti1Image(np.ones((5, 4, 3), ">f4"), affine)
     image.header.set_data_dtype(">f4")
     path = tmp_path / "be.nii"

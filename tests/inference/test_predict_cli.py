@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bundle_kit
 import nibabel as nib
 import numpy as np
 
@@ -14,10 +15,14 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def test_folder_of_scans(tmp_path, ix, capsys):
-    model = ix.make_bundle(tmp_path / "model")
+def test_folder_of_scans(tmp_path, capsys):
+    model = bundle_kit.make_bundle(tmp_path / "model")
     for name, shape in (("a.nii.gz", (30, 20, 3)), ("b.nii", (25, 31, 2))):
-        ix.save(tmp_path / "in" / name, ix.phantom_like(shape), ix.oblique_affine((1, 1, 3)))
+        bundle_kit.save(
+            tmp_path / "in" / name,
+            bundle_kit.phantom_like(shape),
+            bundle_kit.oblique_affine((1, 1, 3)),
+        )
     code, out, err = _run(
         capsys, "predict", "-m", model, "-i", tmp_path / "in", "-o", tmp_path / "out"
     )
@@ -39,13 +44,13 @@ def test_folder_of_scans(tmp_path, ix, capsys):
     assert code == 0 and "1 label maps written" in out
 
 
-def test_nnunet_folder_with_two_channels_and_probabilities(tmp_path, ix, capsys):
-    model = ix.make_bundle(tmp_path / "model", in_channels=2)
-    affine = ix.oblique_affine((0.8, 0.8, 4.0))
+def test_nnunet_folder_with_two_channels_and_probabilities(tmp_path, capsys):
+    model = bundle_kit.make_bundle(tmp_path / "model", in_channels=2)
+    affine = bundle_kit.oblique_affine((0.8, 0.8, 4.0))
     for case in ("case_001", "case_002"):
         for c in range(2):
-            image = ix.phantom_like((28, 26, 3), seed=c)
-            ix.save(tmp_path / "imagesTs" / f"{case}_{c:04d}.nii.gz", image, affine)
+            image = bundle_kit.phantom_like((28, 26, 3), seed=c)
+            bundle_kit.save(tmp_path / "imagesTs" / f"{case}_{c:04d}.nii.gz", image, affine)
     code, _, err = _run(
         capsys, "predict", "-m", model, "-i", tmp_path / "imagesTs", "-o", tmp_path / "out",
         "--save-probabilities", "--tta", "--batch-size", "2", "--device", "cpu",
@@ -67,9 +72,9 @@ def test_nnunet_folder_with_two_channels_and_probabilities(tmp_path, ix, capsys)
         np.testing.assert_allclose(saved["affine"], affine, atol=1e-5)
 
 
-def test_ensemble_of_models_on_the_command_line(tmp_path, ix, capsys):
-    models = [ix.make_bundle(tmp_path / f"m{i}", seed=i) for i in range(2)]
-    ix.save(tmp_path / "a.nii.gz", ix.phantom_like((30, 30, 2)), np.eye(4))
+def test_ensemble_of_models_on_the_command_line(tmp_path, capsys):
+    models = [bundle_kit.make_bundle(tmp_path / f"m{i}", seed=i) for i in range(2)]
+    bundle_kit.save(tmp_path / "a.nii.gz", bundle_kit.phantom_like((30, 30, 2)), np.eye(4))
     code, _, err = _run(
         capsys, "predict", "-m", models[0], "-m", models[1], "-i", tmp_path / "a.nii.gz",
         "-o", tmp_path / "out",
@@ -86,10 +91,12 @@ def test_ensemble_of_models_on_the_command_line(tmp_path, ix, capsys):
     )
 
 
-def test_bad_inputs_are_reported_and_the_others_predicted(tmp_path, ix, capsys):
-    model = ix.make_bundle(tmp_path / "model")
-    ix.save(tmp_path / "in" / "good.nii.gz", ix.phantom_like((30, 20, 3)), np.eye(4))
-    ix.save(tmp_path / "in" / "four.nii.gz", np.ones((30, 20, 3, 2), np.float32), np.eye(4))
+def test_bad_inputs_are_reported_and_the_others_predicted(tmp_path, capsys):
+    model = bundle_kit.make_bundle(tmp_path / "model")
+    bundle_kit.save(
+        tmp_path / "in" / "good.nii.gz", bundle_kit.phantom_like((30, 20, 3)), np.eye(4)
+    )
+    bundle_kit.save(tmp_path / "in" / "four.nii.gz", np.ones((30, 20, 3, 2), np.float32), np.eye(4))
     (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not a nifti at all")
     code, out, err = _run(
         capsys, "predict", "-m", model, "-i", tmp_path / "in", "-o", tmp_path / "out"
@@ -102,9 +109,9 @@ def test_bad_inputs_are_reported_and_the_others_predicted(tmp_path, ix, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
 
 
-def test_an_output_over_an_input_is_refused(tmp_path, ix, capsys):
-    model = ix.make_bundle(tmp_path / "model")
-    ix.save(tmp_path / "in" / "a.nii.gz", ix.phantom_like((30, 20, 3)), np.eye(4))
+def test_an_output_over_an_input_is_refused(tmp_path, capsys):
+    model = bundle_kit.make_bundle(tmp_path / "model")
+    bundle_kit.save(tmp_path / "in" / "a.nii.gz", bundle_kit.phantom_like((30, 20, 3)), np.eye(4))
     before = (tmp_path / "in" / "a.nii.gz").read_bytes()
     code, _, err = _run(
         capsys, "predict", "-m", model, "-i", tmp_path / "in", "-o", tmp_path / "in", "--overwrite"

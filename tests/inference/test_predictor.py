@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import bundle_kit
 import nibabel as nib
 import numpy as np
 import pytest
@@ -28,11 +29,14 @@ GRIDS = {
 
 @pytest.mark.parametrize("orientation", ["as_stored", "closest_canonical"])
 @pytest.mark.parametrize("grid", sorted(GRIDS))
-def test_label_map_overlays_the_input(tmp_path, ix, grid, orientation):
+def test_label_map_overlays_the_input(tmp_path, grid, orientation):
     shape, spacing, degrees, codes = GRIDS[grid]
-    model = ix.make_bundle(tmp_path / "model", orientation=orientation)
-    source = ix.save(
-        tmp_path / "in.nii.gz", ix.phantom_like(shape), ix.oblique_affine(spacing, degrees), *codes
+    model = bundle_kit.make_bundle(tmp_path / "model", orientation=orientation)
+    source = bundle_kit.save(
+        tmp_path / "in.nii.gz",
+        bundle_kit.phantom_like(shape),
+        bundle_kit.oblique_affine(spacing, degrees),
+        *codes,
     )
     target = Segmenter.from_pretrained(model, device="cpu").predict_file(
         source, tmp_path / "out.nii.gz"
@@ -46,11 +50,13 @@ def test_label_map_overlays_the_input(tmp_path, ix, grid, orientation):
     assert set(np.unique(np.asarray(after.dataobj))) <= {0, 1, 2, 3}
 
 
-def test_multichannel_4d_input_gives_a_3d_label_map(tmp_path, ix):
-    model = ix.make_bundle(tmp_path / "model", in_channels=2)
-    affine = ix.oblique_affine((0.7, 0.7, 3.0))
-    image = np.stack([ix.phantom_like((35, 27, 4)), ix.phantom_like((35, 27, 4), 1) ** 0.5], -1)
-    source = ix.save(tmp_path / "in.nii.gz", image, affine)
+def test_multichannel_4d_input_gives_a_3d_label_map(tmp_path):
+    model = bundle_kit.make_bundle(tmp_path / "model", in_channels=2)
+    affine = bundle_kit.oblique_affine((0.7, 0.7, 3.0))
+    image = np.stack(
+        [bundle_kit.phantom_like((35, 27, 4)), bundle_kit.phantom_like((35, 27, 4), 1) ** 0.5], -1
+    )
+    source = bundle_kit.save(tmp_path / "in.nii.gz", image, affine)
     segmenter = Segmenter.from_pretrained(model, device="cpu")
     target = segmenter.predict_file(source, tmp_path / "out.nii.gz")
     after = nib.load(target)
@@ -58,7 +64,7 @@ def test_multichannel_4d_input_gives_a_3d_label_map(tmp_path, ix):
     np.testing.assert_array_equal(after.affine, nib.load(source).affine)
     # the same channels as two nnU-Net channel files give the same labels
     for c in range(2):
-        ix.save(tmp_path / f"case_{c:04d}.nii.gz", image[..., c], affine)
+        bundle_kit.save(tmp_path / f"case_{c:04d}.nii.gz", image[..., c], affine)
     pair = [tmp_path / "case_0000.nii.gz", tmp_path / "case_0001.nii.gz"]
     segmenter.predict_file(pair, tmp_path / "pair.nii.gz")
     np.testing.assert_array_equal(
@@ -66,17 +72,17 @@ def test_multichannel_4d_input_gives_a_3d_label_map(tmp_path, ix):
     )
 
 
-def test_closest_canonical_predicts_on_the_canonical_grid_and_writes_back(tmp_path, ix):
+def test_closest_canonical_predicts_on_the_canonical_grid_and_writes_back(tmp_path):
     """A reoriented model equals the as-stored model applied to the canonical volume, mapped
     back voxel by voxel: the inverse of the reorientation is exact."""
-    folder = ix.make_bundle(tmp_path / "model", orientation="closest_canonical")
+    folder = bundle_kit.make_bundle(tmp_path / "model", orientation="closest_canonical")
     bundle, network = load_bundle(folder)
     stored = dataclasses.replace(
         bundle, preprocessing=dataclasses.replace(bundle.preprocessing, orientation="as_stored")
     )
-    image = ix.phantom_like((29, 8, 35))  # a coronal-like acquisition: few voxels along y
+    image = bundle_kit.phantom_like((29, 8, 35))  # a coronal-like acquisition: few voxels along y
     affine = np.eye(4)
-    affine[:3, :3] = ix.rotation(0, 80.0) @ np.diag([1.1, 4.0, 0.9])
+    affine[:3, :3] = bundle_kit.rotation(0, 80.0) @ np.diag([1.1, 4.0, 0.9])
     canonical, canonical_affine, spacing = to_canonical(image, affine, (1.1, 4.0, 0.9))
     assert canonical.shape != image.shape
     reoriented = Segmenter([network], [bundle], "cpu").predict(image, affine)
@@ -85,10 +91,10 @@ def test_closest_canonical_predicts_on_the_canonical_grid_and_writes_back(tmp_pa
     assert reoriented.labels.shape == image.shape
 
 
-def test_probabilities_and_labels_agree(tmp_path, ix):
-    model = ix.make_bundle(tmp_path / "model", label_values=(0, 205, 420, 850))
+def test_probabilities_and_labels_agree(tmp_path):
+    model = bundle_kit.make_bundle(tmp_path / "model", label_values=(0, 205, 420, 850))
     segmenter = Segmenter.from_pretrained(model, device="cpu")
-    image, affine = ix.phantom_like((30, 26, 3)), ix.oblique_affine((1.2, 1.2, 5.0))
+    image, affine = bundle_kit.phantom_like((30, 26, 3)), bundle_kit.oblique_affine((1.2, 1.2, 5.0))
     prediction = segmenter.predict(image, affine, return_probabilities=True)
     assert prediction.labels.dtype == np.uint16
     assert prediction.probabilities.shape == (4, 30, 26, 3)
@@ -98,9 +104,9 @@ def test_probabilities_and_labels_agree(tmp_path, ix):
     assert segmenter.predict(image, affine).probabilities is None
 
 
-def test_a_2d_image_gives_a_2d_label_map(tmp_path, ix):
-    segmenter = Segmenter.from_pretrained(ix.make_bundle(tmp_path / "model"), device="cpu")
-    image, affine = ix.phantom_like((40, 33)), ix.oblique_affine((0.5, 0.5, 1.0))
+def test_a_2d_image_gives_a_2d_label_map(tmp_path):
+    segmenter = Segmenter.from_pretrained(bundle_kit.make_bundle(tmp_path / "model"), device="cpu")
+    image, affine = bundle_kit.phantom_like((40, 33)), bundle_kit.oblique_affine((0.5, 0.5, 1.0))
     prediction = segmenter.predict(image, affine, return_probabilities=True)
     assert prediction.labels.shape == (40, 33)
     assert prediction.probabilities.shape == (4, 40, 33)
@@ -108,10 +114,10 @@ def test_a_2d_image_gives_a_2d_label_map(tmp_path, ix):
     np.testing.assert_array_equal(as_volume.labels[:, :, 0], prediction.labels)
 
 
-def test_ensemble_of_one_equals_the_model_and_of_two_averages(tmp_path, ix):
-    first = ix.make_bundle(tmp_path / "a", seed=1)
-    second = ix.make_bundle(tmp_path / "b", seed=2, size=(64, 32), spacing=(2.0, 3.5))
-    image, affine = ix.phantom_like((41, 30, 4)), ix.oblique_affine((1.0, 1.5, 4.0))
+def test_ensemble_of_one_equals_the_model_and_of_two_averages(tmp_path):
+    first = bundle_kit.make_bundle(tmp_path / "a", seed=1)
+    second = bundle_kit.make_bundle(tmp_path / "b", seed=2, size=(64, 32), spacing=(2.0, 3.5))
+    image, affine = bundle_kit.phantom_like((41, 30, 4)), bundle_kit.oblique_affine((1.0, 1.5, 4.0))
     alone = Segmenter.from_pretrained(first, "cpu").predict(image, affine, None, True)
     one = Segmenter.from_pretrained([first], "cpu").predict(image, affine, None, True)
     twice = Segmenter.from_pretrained([first, first], "cpu").predict(image, affine, None, True)
@@ -126,22 +132,24 @@ def test_ensemble_of_one_equals_the_model_and_of_two_averages(tmp_path, ix):
     assert not np.array_equal(alone.labels, other.labels)  # the average is not trivial
 
 
-def test_ensemble_with_large_label_values(tmp_path, ix):
+def test_ensemble_with_large_label_values(tmp_path):
     values = (0, 205, 420, 850)
-    models = [ix.make_bundle(tmp_path / f"m{i}", seed=i, label_values=values) for i in range(2)]
+    models = [
+        bundle_kit.make_bundle(tmp_path / f"m{i}", seed=i, label_values=values) for i in range(2)
+    ]
     labels = (
         Segmenter.from_pretrained(models, "cpu")
-        .predict(ix.phantom_like((25, 25, 2)), np.eye(4))
+        .predict(bundle_kit.phantom_like((25, 25, 2)), np.eye(4))
         .labels
     )
     assert labels.dtype == np.uint16 and set(np.unique(labels)) <= set(values)
     assert len(np.unique(labels)) > 1
 
 
-def test_ensemble_members_must_share_classes(tmp_path, ix):
-    a = ix.make_bundle(tmp_path / "a")
-    b = ix.make_bundle(tmp_path / "b", label_values=(0, 1, 2, 4))
-    c = ix.make_bundle(tmp_path / "c", in_channels=2)
+def test_ensemble_members_must_share_classes(tmp_path):
+    a = bundle_kit.make_bundle(tmp_path / "a")
+    b = bundle_kit.make_bundle(tmp_path / "b", label_values=(0, 1, 2, 4))
+    c = bundle_kit.make_bundle(tmp_path / "c", in_channels=2)
     with pytest.raises(InputError, match="share their classes"):
         Segmenter.from_pretrained([a, b], "cpu")
     with pytest.raises(InputError, match="same channels"):
@@ -171,9 +179,9 @@ def _flip_equivariant(network: torch.nn.Module) -> None:
         network.head[-1].weight.mul_(1e4)
 
 
-def test_tta_of_a_flip_equivariant_model_changes_nothing(tmp_path, ix):
-    bundle, network = load_bundle(ix.make_bundle(tmp_path / "model", seed=5))
-    image, affine = ix.phantom_like((36, 28, 3)), ix.oblique_affine((1.3, 1.1, 4.0))
+def test_tta_of_a_flip_equivariant_model_changes_nothing(tmp_path):
+    bundle, network = load_bundle(bundle_kit.make_bundle(tmp_path / "model", seed=5))
+    image, affine = bundle_kit.phantom_like((36, 28, 3)), bundle_kit.oblique_affine((1.3, 1.1, 4.0))
     plain = Segmenter([network], [bundle], "cpu").predict(image, affine, None, True)
     with_tta = Segmenter([network], [bundle], "cpu", tta=True).predict(image, affine, None, True)
     assert not np.allclose(plain.probabilities, with_tta.probabilities, atol=1e-3)
@@ -190,8 +198,8 @@ def test_tta_of_a_flip_equivariant_model_changes_nothing(tmp_path, ix):
     assert plain.probabilities[1].std() > 1e-3  # the outputs depend on the image
 
 
-def test_tta_is_the_mean_over_flips_and_batching_changes_nothing(tmp_path, ix):
-    _, network = load_bundle(ix.make_bundle(tmp_path / "model", seed=3))
+def test_tta_is_the_mean_over_flips_and_batching_changes_nothing(tmp_path):
+    _, network = load_bundle(bundle_kit.make_bundle(tmp_path / "model", seed=3))
     slices = np.random.default_rng(0).normal(size=(5, 1, 32, 32)).astype(np.float32)
     cpu = torch.device("cpu")
     with torch.no_grad():
@@ -214,24 +222,27 @@ def test_tta_is_the_mean_over_flips_and_batching_changes_nothing(tmp_path, ix):
     assert network.training  # the mode is restored for fine-tuning's validation
 
 
-def test_channel_of_a_4d_input(tmp_path, ix):
-    model = ix.make_bundle(tmp_path / "model", channel=1)
+def test_channel_of_a_4d_input(tmp_path):
+    model = bundle_kit.make_bundle(tmp_path / "model", channel=1)
     segmenter = Segmenter.from_pretrained(model, "cpu")
-    t2, adc = ix.phantom_like((30, 30, 3)), ix.phantom_like((30, 30, 3), seed=9)[::-1].copy()
+    t2, adc = (
+        bundle_kit.phantom_like((30, 30, 3)),
+        bundle_kit.phantom_like((30, 30, 3), seed=9)[::-1].copy(),
+    )
     both = np.stack([t2, adc], axis=-1)
     np.testing.assert_array_equal(
         segmenter.predict(both, np.eye(4)).labels, segmenter.predict(adc, np.eye(4)).labels
     )
-    single = Segmenter.from_pretrained(ix.make_bundle(tmp_path / "single"), "cpu")
+    single = Segmenter.from_pretrained(bundle_kit.make_bundle(tmp_path / "single"), "cpu")
     with pytest.raises(InputError, match=r"has 2 channel\(s\); the model takes 1"):
         single.predict(both, np.eye(4))
-    three = Segmenter.from_pretrained(ix.make_bundle(tmp_path / "c3", channel=3), "cpu")
+    three = Segmenter.from_pretrained(bundle_kit.make_bundle(tmp_path / "c3", channel=3), "cpu")
     with pytest.raises(InputError, match="the model uses channel 3"):
         three.predict(both, np.eye(4))
 
 
-def test_bad_arguments(tmp_path, ix):
-    segmenter = Segmenter.from_pretrained(ix.make_bundle(tmp_path / "model"), "cpu")
+def test_bad_arguments(tmp_path):
+    segmenter = Segmenter.from_pretrained(bundle_kit.make_bundle(tmp_path / "model"), "cpu")
     with pytest.raises(InputError, match="got shape"):
         segmenter.predict(np.zeros((2, 2, 2, 1, 1)), np.eye(4))
     with pytest.raises(InputError, match="4 x 4"):

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import reader_kit
 from PIL import Image
 
 from contraseg.config import DataConfig
@@ -32,8 +33,8 @@ def test_label_mapping_keeps_12_classes():
         map_label_ids(None, np.array([0, 34, 255], dtype=np.uint8))
 
 
-def test_lists_train_and_val(tmp_path, fx):
-    root = fx.write_cityscapes(tmp_path / "cityscapes")
+def test_lists_train_and_val(tmp_path):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes")
     cases = _reader(root).list_cases(root)
     assert [c.case_id for c in cases] == [
         "aachen_000000_000019",
@@ -48,8 +49,8 @@ def test_lists_train_and_val(tmp_path, fx):
     assert (reader.default_size, reader.default_spacing) == ((256, 512), (1.0, 1.0))
 
 
-def test_load_downscales_by_four(tmp_path, fx):
-    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
+def test_load_downscales_by_four(tmp_path):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=1)
     reader = _reader(root)
     case = reader.list_cases(root)[0]
     volume = reader.load(case)
@@ -80,22 +81,22 @@ def test_split_sizes_scale_with_the_pool():
     assert holdout_size(100) == 20
 
 
-def test_missing_label_and_unexpected_file(tmp_path, fx):
-    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
+def test_missing_label_and_unexpected_file(tmp_path):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=1)
     (root / "gtFine" / "train" / "bochum" / "bochum_000000_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(InputError, match="file not found") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("bochum_000000_000019_gtFine_labelIds.png")
 
-    root = fx.write_cityscapes(tmp_path / "other", per_city=1)
+    root = reader_kit.write_cityscapes(tmp_path / "other", per_city=1)
     (root / "leftImg8bit" / "val" / "frankfurt" / "notes.txt").write_text("")
     with pytest.raises(InputError, match="unexpected file") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("notes.txt")
 
 
-def test_colour_label_or_grey_image_is_refused(tmp_path, fx):
-    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
+def test_colour_label_or_grey_image_is_refused(tmp_path):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=1)
     reader = _reader(root)
     case = reader.list_cases(root)[0]
     Image.open(case.image).convert("L").save(case.image)
@@ -104,9 +105,9 @@ def test_colour_label_or_grey_image_is_refused(tmp_path, fx):
     assert err.value.path == str(case.image)
 
 
-def test_prepare_and_sample(tmp_path, capsys, fx):
-    root = fx.write_cityscapes(tmp_path / "cityscapes")
-    prepared = fx.prepare_and_sample(capsys, "cityscapes", root, "data.size=[32,32]")
+def test_prepare_and_sample(tmp_path, capsys):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes")
+    prepared = reader_kit.prepare_and_sample(capsys, "cityscapes", root, "data.size=[32,32]")
     case = prepared.cases["aachen_000000_000019"]
     assert case.image.shape == (1, 3, 32, 32) and case.label.shape == (1, 32, 32)
     # per-channel p1/p99 normalisation: each colour channel spans about [0, 1]
@@ -179,15 +180,15 @@ DAMAGES = [_missing_label, _no_gtfine, _bad_label_id, _colour_label, _corrupt_im
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
-    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=1)
-    fx.expect_error(capsys, "cityscapes", root, damage(root), "data.size=[32,32]")
+def test_bad_input_via_cli(tmp_path, capsys, damage):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=1)
+    reader_kit.expect_error(capsys, "cityscapes", root, damage(root), "data.size=[32,32]")
 
 
-def test_colour_images_train_through_the_same_unet(tmp_path, fx):
+def test_colour_images_train_through_the_same_unet(tmp_path):
     """3-channel input: G^R pre-training, fine-tuning from its encoder, evaluation."""
-    root = fx.write_cityscapes(tmp_path / "cityscapes", per_city=4)
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=4)
     data = ["data.dataset=cityscapes", f"data.root={root}", "data.size=[32,32]"]
-    summary = fx.train_and_evaluate(tmp_path, data, "loss.strategy=GR")
+    summary = reader_kit.train_and_evaluate(tmp_path, data, "loss.strategy=GR")
     assert len(summary.class_names) == 12
     assert 0.0 <= summary.mean_dice <= 1.0

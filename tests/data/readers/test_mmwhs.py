@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import reader_kit
 from nibabel.affines import apply_affine
 
 from contraseg.config import DataConfig
@@ -17,7 +18,7 @@ def _reader(root):
     return get_reader(DataConfig(dataset="mmwhs", root=str(root)))
 
 
-def test_label_mapping_in_ascending_order(tmp_path, fx):
+def test_label_mapping_in_ascending_order(tmp_path):
     raw = np.array([0, 205, 420, 500, 550, 600, 820, 850], dtype=np.float32)
     np.testing.assert_array_equal(map_labels(tmp_path / "l.nii.gz", raw), np.arange(8))
     with pytest.raises(InputError, match=r"\[421, 1000\]") as err:
@@ -25,8 +26,8 @@ def test_label_mapping_in_ascending_order(tmp_path, fx):
     assert err.value.path.endswith("l.nii.gz")
 
 
-def test_lists_cases_with_file_stem_ids(tmp_path, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train")
+def test_lists_cases_with_file_stem_ids(tmp_path):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train")
     (root / "readme.txt").write_text("other files are ignored")
     reader = _reader(root)
     assert [c.case_id for c in reader.list_cases(root)] == [
@@ -43,8 +44,8 @@ def test_lists_cases_with_file_stem_ids(tmp_path, fx):
     assert len(reader.list_cases(tmp_path)) == 3
 
 
-def test_oblique_coronal_volume_becomes_axial_ras(tmp_path, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
+def test_oblique_coronal_volume_becomes_axial_ras(tmp_path):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
     case = _reader(root).list_cases(root)[0]
     volume = _reader(root).load(case)
     raw_img = nib.load(str(case.label))
@@ -69,18 +70,18 @@ def test_oblique_coronal_volume_becomes_axial_ras(tmp_path, fx):
     np.testing.assert_array_equal(volume.label, np.flip(mapped, 0).transpose(0, 2, 1)[:, :, ::-1])
 
 
-def test_unknown_label_value_is_named(tmp_path, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
+def test_unknown_label_value_is_named(tmp_path):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train", numbers=(1001,))
     path = root / "mr_train_1001_label.nii.gz"
-    fx.set_voxel(path, (0, 0, 0), 421)
+    reader_kit.set_voxel(path, (0, 0, 0), 421)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"label values \[421\]") as err:
         reader.load(reader.list_cases(root)[0])
     assert err.value.path == str(path)
 
 
-def test_missing_label_and_unexpected_file(tmp_path, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train")
+def test_missing_label_and_unexpected_file(tmp_path):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train")
     (root / "mr_train_1002_label.nii.gz").unlink()
     with pytest.raises(InputError, match="file not found") as err:
         _reader(root).list_cases(root)
@@ -93,9 +94,9 @@ def test_missing_label_and_unexpected_file(tmp_path, fx):
     assert err.value.path.endswith("mr_train_1004_img.nii.gz")
 
 
-def test_prepare_and_sample(tmp_path, capsys, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train")
-    prepared = fx.prepare_and_sample(capsys, "mmwhs", root, "data.size=[32,32]")
+def test_prepare_and_sample(tmp_path, capsys):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train")
+    prepared = reader_kit.prepare_and_sample(capsys, "mmwhs", root, "data.size=[32,32]")
     # reoriented (30, 20, 24) at (1.2, 1.8, 1.0) mm -> 24 slices of 24 x 24 at 1.5 mm, padded
     case = prepared.cases["mr_train_1001"]
     assert case.image.shape == (24, 1, 32, 32)
@@ -103,43 +104,43 @@ def test_prepare_and_sample(tmp_path, capsys, fx):
     assert set(np.unique(case.label)) == set(range(8))
 
 
-def test_case_ids_match_the_packaged_split(tmp_path, fx):
-    root = fx.write_mmwhs(tmp_path / "mr_train", numbers=range(1001, 1021), shape=(4, 4, 3))
-    fx.assert_split_ids_exist(_reader(root), root, "mmwhs")
+def test_case_ids_match_the_packaged_split(tmp_path):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train", numbers=range(1001, 1021), shape=(4, 4, 3))
+    reader_kit.assert_split_ids_exist(_reader(root), root, "mmwhs")
 
 
-def _unknown_label(root, fx):
+def _unknown_label(root):
     path = root / "mr_train_1002_label.nii.gz"
-    fx.set_voxel(path, (2, 2, 2), 421)
+    reader_kit.set_voxel(path, (2, 2, 2), 421)
     return "mr_train_1002_label.nii.gz: label values [421]"
 
 
-def _missing_label(root, fx):
+def _missing_label(root):
     (root / "mr_train_1003_label.nii.gz").unlink()
     return "mr_train_1003_label.nii.gz: file not found"
 
 
-def _unexpected_file(root, fx):
+def _unexpected_file(root):
     (root / "mr_train_1004_image (1).nii.gz").write_bytes(b"")
     return "mr_train_1004_image (1).nii.gz: unexpected file"
 
 
-def _label_of_another_grid(root, fx):
+def _label_of_another_grid(root):
     path = root / "mr_train_1002_label.nii.gz"
     img = nib.load(str(path))
-    fx.write_nifti(path, np.asarray(img.dataobj), fx.axial_affine((1.2, 1.0, 1.8)))
+    reader_kit.write_nifti(path, np.asarray(img.dataobj), reader_kit.axial_affine((1.2, 1.0, 1.8)))
     return "mr_train_1002_label.nii.gz: affine differs"
 
 
-def _nan_image(root, fx):
+def _nan_image(root):
     path = root / "mr_train_1003_image.nii.gz"
-    fx.set_voxel(path, (0, 0, 0), np.nan)
+    reader_kit.set_voxel(path, (0, 0, 0), np.nan)
     return "mr_train_1003_image.nii.gz: 1 voxels are NaN"
 
 
 @pytest.mark.parametrize(
     "damage", [_unknown_label, _missing_label, _unexpected_file, _label_of_another_grid, _nan_image]
 )
-def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
-    root = fx.write_mmwhs(tmp_path / "mr_train")
-    fx.expect_error(capsys, "mmwhs", root, damage(root, fx), "data.size=[32,32]")
+def test_bad_input_via_cli(tmp_path, capsys, damage):
+    root = reader_kit.write_mmwhs(tmp_path / "mr_train")
+    reader_kit.expect_error(capsys, "mmwhs", root, damage(root), "data.size=[32,32]")

@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import reader_kit
 
 from contraseg.config import DataConfig
 from contraseg.data.cache import prepare_dataset
@@ -23,8 +24,8 @@ def _reader(root, **kwargs):
     return get_reader(DataConfig(dataset="nnunet", root=str(root), **kwargs))
 
 
-def test_lists_labelled_and_unlabelled_cases(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+def test_lists_labelled_and_unlabelled_cases(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
     reader = _reader(root)
     cases = reader.list_cases(root)
     assert [(c.case_id, c.label is not None) for c in cases] == [
@@ -39,8 +40,8 @@ def test_lists_labelled_and_unlabelled_cases(tmp_path, fx):
     assert (reader.in_channels, reader.num_classes) == (2, 3)
 
 
-def test_channels_are_stacked_in_order(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+def test_channels_are_stacked_in_order(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
     reader = _reader(root)
     case = reader.list_cases(root)[1]
     volume = reader.load(case)
@@ -53,9 +54,9 @@ def test_channels_are_stacked_in_order(tmp_path, fx):
     assert unlabelled.label is None and unlabelled.image.shape[-1] == 2
 
 
-def test_derived_spacing_and_size(tmp_path, fx):
+def test_derived_spacing_and_size(tmp_path):
     # median in-plane spacing (0.8, 0.7); extent 40 * 0.8 = 32 mm, 44 * 0.7 = 30.8 mm
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
     reader = _reader(root)
     assert reader.default_spacing == pytest.approx((0.8, 0.7))
     assert reader.default_size == (64, 64)  # ceil(40 / 32) * 32, ceil(44 / 32) * 32
@@ -63,8 +64,8 @@ def test_derived_spacing_and_size(tmp_path, fx):
     assert _reader(root, target_spacing=[0.25, 0.25]).default_size == (128, 128)
 
 
-def test_single_channel_dataset(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset001_CT", channels={"0": "CT"}, test=())
+def test_single_channel_dataset(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset001_CT", channels={"0": "CT"}, test=())
     reader = _reader(root)
     assert reader.in_channels == 1
     assert reader.load(reader.list_cases(root)[0]).image.shape == (40, 44, 6, 1)
@@ -81,8 +82,8 @@ def test_single_channel_dataset(tmp_path, fx):
         (lambda m: json.dumps({**m, "file_ending": ".png"}), "not supported"),
     ],
 )
-def test_bad_dataset_json(tmp_path, fx, edit, problem):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+def test_bad_dataset_json(tmp_path, edit, problem):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(edit(meta))
     with pytest.raises(InputError, match=problem) as err:
@@ -90,26 +91,26 @@ def test_bad_dataset_json(tmp_path, fx, edit, problem):
     assert err.value.path.endswith("dataset.json")
 
 
-def test_missing_and_unexpected_files(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
+def test_missing_and_unexpected_files(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
     (root / "imagesTr" / "case_002_0001.nii.gz").unlink()
     with pytest.raises(InputError, match="file not found") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("imagesTr/case_002_0001.nii.gz")
 
-    root = fx.write_nnunet(tmp_path / "Dataset043_Pelvis")
+    root = reader_kit.write_nnunet(tmp_path / "Dataset043_Pelvis")
     (root / "imagesTr" / "case_002_0002.nii.gz").write_bytes(b"")  # a third channel
     with pytest.raises(InputError, match="unexpected file") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("imagesTr/case_002_0002.nii.gz")
 
-    root = fx.write_nnunet(tmp_path / "Dataset044_Pelvis")
+    root = reader_kit.write_nnunet(tmp_path / "Dataset044_Pelvis")
     (root / "labelsTr" / "case_003.nii.gz").unlink()
     with pytest.raises(InputError, match="file not found") as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("labelsTr/case_003.nii.gz")
 
-    root = fx.write_nnunet(tmp_path / "Dataset045_Pelvis")
+    root = reader_kit.write_nnunet(tmp_path / "Dataset045_Pelvis")
     (root / "labelsTr" / "case_009.nii.gz").write_bytes(b"")
     (root / "imagesTr" / ".DS_Store").write_bytes(b"")  # hidden files are skipped
     with pytest.raises(InputError, match="unexpected file") as err:
@@ -117,10 +118,10 @@ def test_missing_and_unexpected_files(tmp_path, fx):
     assert err.value.path.endswith("labelsTr/case_009.nii.gz")
 
 
-def test_undeclared_label_and_affine_mismatch(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", test=())
+def test_undeclared_label_and_affine_mismatch(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis", test=())
     path = root / "labelsTr" / "case_000.nii.gz"
-    fx.set_voxel(path, (0, 0, 0), 7)
+    reader_kit.set_voxel(path, (0, 0, 0), 7)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"\[7\] are not declared in dataset.json") as err:
         reader.load(reader.list_cases(root)[0])
@@ -130,26 +131,26 @@ def test_undeclared_label_and_affine_mismatch(tmp_path, fx):
     img = nib.load(str(channel))
     tilted = img.affine.copy()
     tilted[0, 1] = 0.05  # a shear no header rounding explains
-    fx.write_nifti(channel, np.asarray(img.dataobj), tilted)
+    reader_kit.write_nifti(channel, np.asarray(img.dataobj), tilted)
     with pytest.raises(InputError, match="affine differs") as err:
         reader.load(reader.list_cases(root)[1])
     assert err.value.path == str(channel)
 
 
-def test_affine_rounding_is_tolerated(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", test=())
+def test_affine_rounding_is_tolerated(tmp_path):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis", test=())
     path = root / "labelsTr" / "case_000.nii.gz"
     img = nib.load(str(path))
     nudged = img.affine.copy()
     nudged[:3, :3] *= 1 + 1e-5
-    fx.write_nifti(path, np.asarray(img.dataobj), nudged)
+    reader_kit.write_nifti(path, np.asarray(img.dataobj), nudged)
     reader = _reader(root)
     assert reader.load(reader.list_cases(root)[0]).label is not None
 
 
-def test_prepare_and_sample_with_derived_defaults(tmp_path, capsys, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis")
-    prepared = fx.prepare_and_sample(capsys, "nnunet", root)
+def test_prepare_and_sample_with_derived_defaults(tmp_path, capsys):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis")
+    prepared = reader_kit.prepare_and_sample(capsys, "nnunet", root)
     assert prepared.params.target_spacing == pytest.approx((0.8, 0.7))
     assert prepared.params.size == (64, 64)
     assert prepared.cases["case_100"].label is None
@@ -160,8 +161,10 @@ def _labelled_ids(n):
     return tuple(f"case_{i:03d}" for i in range(n))
 
 
-def test_generated_split_keeps_unlabelled_cases_in_pretraining(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=_labelled_ids(8), shape=(8, 8, 2))
+def test_generated_split_keeps_unlabelled_cases_in_pretraining(tmp_path):
+    root = reader_kit.write_nnunet(
+        tmp_path / "Dataset042_Pelvis", train=_labelled_ids(8), shape=(8, 8, 2)
+    )
     split = _reader(root).split(seed=3)
     assert split == _reader(root).split(seed=3)
     assert {"case_100", "case_101"} <= set(split.pretrain)
@@ -172,8 +175,10 @@ def test_generated_split_keeps_unlabelled_cases_in_pretraining(tmp_path, fx):
     assert set(split.test).isdisjoint(split.pretrain)
 
 
-def test_splits_final_fold_gives_train_and_val_as_nnunet_reads_it(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=_labelled_ids(10), shape=(8, 8, 2))
+def test_splits_final_fold_gives_train_and_val_as_nnunet_reads_it(tmp_path):
+    root = reader_kit.write_nnunet(
+        tmp_path / "Dataset042_Pelvis", train=_labelled_ids(10), shape=(8, 8, 2)
+    )
     ids = _labelled_ids(10)
     folds = [{"train": list(ids[2:]), "val": list(ids[:2])}, {"train": list(ids[:7]), "val": []}]
     (root / "splits_final.json").write_text(json.dumps(folds))
@@ -198,16 +203,18 @@ def test_splits_final_fold_gives_train_and_val_as_nnunet_reads_it(tmp_path, fx):
         ({"train": []}, 0, "expected a list of folds"),
     ],
 )
-def test_bad_splits_final_names_the_file(tmp_path, fx, folds, fold, message):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
+def test_bad_splits_final_names_the_file(tmp_path, folds, fold, message):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
     (root / "splits_final.json").write_text(json.dumps(folds))
     with pytest.raises(InputError, match=message) as err:
         _reader(root, fold=fold).split(seed=0)
     assert err.value.path.endswith("splits_final.json")
 
 
-def test_imagests_is_not_pretraining_data_unless_listed(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2), test=("case_200",))
+def test_imagests_is_not_pretraining_data_unless_listed(tmp_path):
+    root = reader_kit.write_nnunet(
+        tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2), test=("case_200",)
+    )
     assert "case_200" not in {c.case_id for c in _reader(root).list_cases(root)}
     listed = _reader(root, unlabelled=["imagesTs"]).list_cases(root)
     assert ("case_200", False) in [(c.case_id, c.label is not None) for c in listed]
@@ -223,14 +230,16 @@ def test_imagests_is_not_pretraining_data_unless_listed(tmp_path, fx):
         ("dataset.json", "expected {case}_{0000..}"),
     ],
 )
-def test_bad_unlabelled_entries_name_the_path(tmp_path, fx, entry, message):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
+def test_bad_unlabelled_entries_name_the_path(tmp_path, entry, message):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(8, 8, 2))
     with pytest.raises(InputError, match=re.escape(message)):
         _reader(root, unlabelled=[entry]).list_cases(root)
 
 
-def test_a_generated_split_works_from_one_labelled_case(tmp_path, fx):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", train=["case_000"], shape=(8, 8, 2))
+def test_a_generated_split_works_from_one_labelled_case(tmp_path):
+    root = reader_kit.write_nnunet(
+        tmp_path / "Dataset042_Pelvis", train=["case_000"], shape=(8, 8, 2)
+    )
     split = _reader(root).split(seed=0)
     assert split.test == () and split.labelled_set(1, "c1") == LabelledSet(("case_000",), ())
     assert set(split.pretrain) == {"case_000", "case_100", "case_101"}
@@ -274,37 +283,39 @@ def test_phantom_in_nnunet_format_gives_the_acdc_readers_arrays(tmp_path):
         assert ours.grid == theirs.grid
 
 
-def _invalid_json(root, fx):
+def _invalid_json(root):
     (root / "dataset.json").write_text('{"channel_names": {"0": "T2"}, "labels": ')
     return "dataset.json: not valid JSON"
 
 
-def _no_labels_key(root, fx):
+def _no_labels_key(root):
     meta = json.loads((root / "dataset.json").read_text())
     del meta["labels"]
     (root / "dataset.json").write_text(json.dumps(meta))
     return "dataset.json: missing required key 'labels'"
 
 
-def _undeclared_value(root, fx):
+def _undeclared_value(root):
     path = root / "labelsTr" / "case_002.nii.gz"
-    fx.set_voxel(path, (3, 3, 2), 3)
+    reader_kit.set_voxel(path, (3, 3, 2), 3)
     return "labelsTr/case_002.nii.gz: label values [3] are not declared in dataset.json"
 
 
-def _rotated_label(root, fx):
+def _rotated_label(root):
     path = root / "labelsTr" / "case_001.nii.gz"
     img = nib.load(str(path))
-    fx.write_nifti(path, np.asarray(img.dataobj), np.diag([0.8, 0.7, 3.0, 1.0]))  # RAS, not LPS
+    reader_kit.write_nifti(
+        path, np.asarray(img.dataobj), np.diag([0.8, 0.7, 3.0, 1.0])
+    )  # RAS, not LPS
     return "labelsTr/case_001.nii.gz: affine differs"
 
 
-def _missing_channel(root, fx):
+def _missing_channel(root):
     (root / "imagesUnlabelled" / "case_101_0001.nii.gz").unlink()
     return "imagesUnlabelled/case_101_0001.nii.gz: file not found"
 
 
-def _stray_label(root, fx):
+def _stray_label(root):
     shutil.copy(root / "labelsTr" / "case_000.nii.gz", root / "labelsTr" / "case_000 copy.nii.gz")
     return "labelsTr/case_000 copy.nii.gz: unexpected file"
 
@@ -314,12 +325,12 @@ def _stray_label(root, fx):
     [_invalid_json, _no_labels_key, _undeclared_value, _rotated_label, _missing_channel,
      _stray_label],
 )  # fmt: skip
-def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
-    root = fx.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(16, 16, 3))
-    fx.expect_error(capsys, "nnunet", root, damage(root, fx))
+def test_bad_input_via_cli(tmp_path, capsys, damage):
+    root = reader_kit.write_nnunet(tmp_path / "Dataset042_Pelvis", shape=(16, 16, 3))
+    reader_kit.expect_error(capsys, "nnunet", root, damage(root))
 
 
-def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
+def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path):
     """Unlabelled images join the pre-training pool; fine-tuning and testing use labelled ones."""
     from contraseg.config import PretrainGlobalRun, load_config
     from contraseg.data.dataset import load_dataset
@@ -346,5 +357,5 @@ def test_nnunet_dataset_trains_with_its_unlabelled_images(tmp_path, fx):
     unlabelled = {"patient014", "patient015", "patient016"}
     assert unlabelled <= set(split.pretrain)
     assert not unlabelled & {*split.test, *split.labelled_set(1, "c1").train}
-    summary = fx.train_and_evaluate(tmp_path, data, "loss.volumes_per_batch=2")
+    summary = reader_kit.train_and_evaluate(tmp_path, data, "loss.volumes_per_batch=2")
     assert [case.case_id for case in summary.cases] == list(split.test)

@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import reader_kit
 
 from contraseg.config import DataConfig
 from contraseg.data.readers import get_reader
@@ -17,8 +18,8 @@ def _reader(root, **kwargs):
     return get_reader(DataConfig(dataset="prostate", root=str(root), **kwargs))
 
 
-def test_reads_t2_by_default_and_adc_on_request(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate")
+def test_reads_t2_by_default_and_adc_on_request(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate")
     reader = _reader(root)
     cases = reader.list_cases(root)
     assert [c.case_id for c in cases] == [
@@ -41,32 +42,32 @@ def test_reads_t2_by_default_and_adc_on_request(tmp_path, fx):
     np.testing.assert_array_equal(adc.image[..., 0], raw[..., 1])
 
 
-def test_no_channel_chosen_for_a_4d_image(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
+def test_no_channel_chosen_for_a_4d_image(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     reader = _reader(root, channel=None)
     with pytest.raises(InputError, match=r"4-D image.*choose a channel") as err:
         reader.load(reader.list_cases(root)[0])
     assert err.value.path.endswith("prostate_00.nii.gz")
 
 
-def test_channel_out_of_range(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
+def test_channel_out_of_range(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     with pytest.raises(InputError, match="channel 2") as err:
         _reader(root, channel=2).list_cases(root)
     assert err.value.path.endswith("dataset.json")
 
 
-def test_label_value_not_declared(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
+def test_label_value_not_declared(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     path = root / "labelsTr" / "prostate_00.nii.gz"
-    fx.set_voxel(path, (0, 0, 0), 3)
+    reader_kit.set_voxel(path, (0, 0, 0), 3)
     reader = _reader(root)
     with pytest.raises(InputError, match=r"\[3\] are not declared in dataset.json"):
         reader.load(reader.list_cases(root)[0])
 
 
-def test_listed_file_missing(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate")
+def test_listed_file_missing(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate")
     (root / "labelsTr" / "prostate_02.nii.gz").unlink()
     with pytest.raises(InputError, match="file not found") as err:
         _reader(root).list_cases(root)
@@ -80,76 +81,76 @@ def test_listed_file_missing(tmp_path, fx):
         (json.dumps({"labels": {}, "modality": {"0": "T2"}}), "missing required key 'training'"),
     ],
 )
-def test_bad_dataset_json(tmp_path, fx, text, problem):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
+def test_bad_dataset_json(tmp_path, text, problem):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     (root / "dataset.json").write_text(text)
     with pytest.raises(InputError, match=problem) as err:
         _reader(root).list_cases(root)
     assert err.value.path.endswith("dataset.json")
 
 
-def test_label_affine_mismatch(tmp_path, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
+def test_label_affine_mismatch(tmp_path):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0,))
     path = root / "labelsTr" / "prostate_00.nii.gz"
     img = nib.load(str(path))
     shifted = img.affine.copy()
     shifted[:3, 3] += 2.0  # 2 mm off
-    fx.write_nifti(path, np.asarray(img.dataobj), shifted)
+    reader_kit.write_nifti(path, np.asarray(img.dataobj), shifted)
     reader = _reader(root)
     with pytest.raises(InputError, match="affine differs") as err:
         reader.load(reader.list_cases(root)[0])
     assert err.value.path.endswith("labelsTr/prostate_00.nii.gz")
 
 
-def test_prepare_and_sample(tmp_path, capsys, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate")
-    prepared = fx.prepare_and_sample(capsys, "prostate", root, "data.size=[32,32]")
+def test_prepare_and_sample(tmp_path, capsys):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate")
+    prepared = reader_kit.prepare_and_sample(capsys, "prostate", root, "data.size=[32,32]")
     assert prepared.params.target_spacing == (0.625, 0.625)
     assert prepared.cases["prostate_00"].image.shape == (5, 1, 32, 32)
     assert prepared.class_names == ("background", "PZ", "TZ")
 
 
-def test_case_ids_match_the_packaged_split(tmp_path, fx):
+def test_case_ids_match_the_packaged_split(tmp_path):
     # the 32 MSD Task05 training cases
     numbers = [0, 1, 2, 4, 6, 7, 10, 13, 14, 16, 17, 18, 20, 21, 24, 25, 28, 29, 31, 32, 34, 35]
     numbers += [37, 38, 39, 40, 41, 42, 43, 44, 46, 47]
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=numbers, shape=(4, 4, 2))
-    fx.assert_split_ids_exist(_reader(root), root, "prostate")
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=numbers, shape=(4, 4, 2))
+    reader_kit.assert_split_ids_exist(_reader(root), root, "prostate")
 
 
-def _break_json(root, fx):
+def _break_json(root):
     (root / "dataset.json").write_text('{"labels": {"0": "background",')
     return "dataset.json: not valid JSON"
 
 
-def _drop_training_key(root, fx):
+def _drop_training_key(root):
     meta = json.loads((root / "dataset.json").read_text())
     del meta["training"]
     (root / "dataset.json").write_text(json.dumps(meta))
     return "dataset.json: missing required key 'training'"
 
 
-def _undeclared_label(root, fx):
+def _undeclared_label(root):
     path = root / "labelsTr" / "prostate_01.nii.gz"
-    fx.set_voxel(path, (1, 1, 1), 4)
+    reader_kit.set_voxel(path, (1, 1, 1), 4)
     return "labelsTr/prostate_01.nii.gz: label values [4] are not declared in dataset.json"
 
 
-def _shifted_label(root, fx):
+def _shifted_label(root):
     path = root / "labelsTr" / "prostate_01.nii.gz"
     img = nib.load(str(path))
     affine = img.affine.copy()
     affine[2, 3] += 3.6  # one slice off
-    fx.write_nifti(path, np.asarray(img.dataobj), affine)
+    reader_kit.write_nifti(path, np.asarray(img.dataobj), affine)
     return "labelsTr/prostate_01.nii.gz: affine differs"
 
 
-def _missing_image(root, fx):
+def _missing_image(root):
     (root / "imagesTr" / "prostate_02.nii.gz").unlink()
     return "imagesTr/prostate_02.nii.gz: file not found"
 
 
-def _truncated_image(root, fx):
+def _truncated_image(root):
     path = root / "imagesTr" / "prostate_02.nii.gz"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -161,12 +162,14 @@ def _truncated_image(root, fx):
     [_break_json, _drop_training_key, _undeclared_label, _shifted_label, _missing_image,
      _truncated_image],
 )  # fmt: skip
-def test_bad_input_via_cli(tmp_path, capsys, fx, damage):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1, 2))
-    fx.expect_error(capsys, "prostate", root, damage(root, fx), "data.size=[32,32]")
+def test_bad_input_via_cli(tmp_path, capsys, damage):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1, 2))
+    reader_kit.expect_error(capsys, "prostate", root, damage(root), "data.size=[32,32]")
 
 
-def test_4d_image_without_a_channel_via_cli(tmp_path, capsys, fx):
-    root = fx.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1))
-    line = fx.expect_error(capsys, "prostate", root, "prostate_00.nii.gz", "data.channel=null")
+def test_4d_image_without_a_channel_via_cli(tmp_path, capsys):
+    root = reader_kit.write_prostate(tmp_path / "Task05_Prostate", numbers=(0, 1))
+    line = reader_kit.expect_error(
+        capsys, "prostate", root, "prostate_00.nii.gz", "data.channel=null"
+    )
     assert "choose a channel" in line

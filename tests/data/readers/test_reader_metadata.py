@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import reader_kit
 
 from contraseg.config import DataConfig
 from contraseg.data.orientation import ORIENTATIONS
@@ -17,22 +18,22 @@ def _reader(dataset: str, root, **kwargs):
     return get_reader(DataConfig(dataset=dataset, root=str(root), **kwargs))
 
 
-def _roots(tmp_path, fx) -> dict[str, object]:
+def _roots(tmp_path) -> dict[str, object]:
     from contraseg.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "phantom", volumes=2, size=16, seed=0)
     return {
         "acdc": tmp_path / "phantom",
         "phantom": tmp_path / "phantom",
-        "prostate": fx.write_prostate(tmp_path / "prostate"),
-        "mmwhs": fx.write_mmwhs(tmp_path / "mmwhs"),
-        "nnunet": fx.write_nnunet(tmp_path / "nnunet"),
-        "cityscapes": fx.write_cityscapes(tmp_path / "cityscapes"),
+        "prostate": reader_kit.write_prostate(tmp_path / "prostate"),
+        "mmwhs": reader_kit.write_mmwhs(tmp_path / "mmwhs"),
+        "nnunet": reader_kit.write_nnunet(tmp_path / "nnunet"),
+        "cityscapes": reader_kit.write_cityscapes(tmp_path / "cityscapes"),
     }
 
 
-def test_every_reader_describes_what_prediction_needs(tmp_path, fx):
-    roots = _roots(tmp_path, fx)
+def test_every_reader_describes_what_prediction_needs(tmp_path):
+    roots = _roots(tmp_path)
     assert set(roots) == set(_READERS)
     expected = {
         "acdc": ("as_stored", (0, 1, 2, 3), "count_as_one", None),
@@ -57,8 +58,8 @@ def test_every_reader_describes_what_prediction_needs(tmp_path, fx):
 
 
 @pytest.mark.parametrize("dataset", ["prostate", "mmwhs", "cityscapes", "nnunet", "acdc"])
-def test_a_case_loads_without_its_label(tmp_path, fx, dataset):
-    root = _roots(tmp_path, fx)[dataset]
+def test_a_case_loads_without_its_label(tmp_path, dataset):
+    root = _roots(tmp_path)[dataset]
     reader = _reader(dataset, root)
     case = reader.list_cases(root)[0]
     labelled = reader.load(case)

@@ -1,15 +1,14 @@
-"""Model bundles with random weights and scans on awkward grids, for the inference tests."""
+"""Model bundles with random weights and scans on awkward grids, for the inference tests
+(``import bundle_kit``; tests/support is on pytest's path)."""
 
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -137,18 +136,3 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, qform: int = 1, sform
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path
-
-
-@pytest.fixture
-def ix() -> types.SimpleNamespace:
-    """The helpers above (test modules cannot import a conftest under importlib mode)."""
-    return types.SimpleNamespace(
-        bundle_description=bundle_description,
-        make_bundle=make_bundle,
-        with_bundle=with_bundle,
-        randomise=randomise,
-        oblique_affine=oblique_affine,
-        rotation=rotation,
-        phantom_like=phantom_like,
-        save=save,
-    )

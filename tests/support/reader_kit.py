@@ -1,9 +1,9 @@
-"""Writers of small datasets in each real layout, shared by the reader tests."""
+"""Writers of small datasets in each real layout, for the reader tests (``import reader_kit``;
+tests/support is on pytest's path)."""
 
 from __future__ import annotations
 
 import json
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -259,26 +259,3 @@ def train_and_evaluate(out: Path, overrides: Sequence[str], *global_overrides: s
     ]
     finetune = load_config(FinetuneRun, None, finetune_overrides)
     return evaluate_run(run_finetune(finetune, out / "ft"), device="cpu")
-
-
-@pytest.fixture
-def fx() -> types.SimpleNamespace:
-    """The writers above (test modules cannot import a conftest under importlib mode)."""
-    return types.SimpleNamespace(
-        write_nifti=write_nifti,
-        axial_affine=axial_affine,
-        blob_label=blob_label,
-        image_from_label=image_from_label,
-        write_prostate=write_prostate,
-        write_mmwhs=write_mmwhs,
-        oblique_coronal_affine=oblique_coronal_affine,
-        write_nnunet=write_nnunet,
-        write_cityscapes=write_cityscapes,
-        run_prepare=run_prepare,
-        prepare_and_sample=prepare_and_sample,
-        expect_error=expect_error,
-        train_and_evaluate=train_and_evaluate,
-        set_voxel=set_voxel,
-        assert_split_ids_exist=assert_split_ids_exist,
-        MMWHS_RAW=MMWHS_RAW,
-    )
