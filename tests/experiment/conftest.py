@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -53,15 +52,3 @@ def write_tiny_grid(phantom_root):
 def tiny_grid(tmp_path, write_tiny_grid):
     """``tiny_grid(**changes)``: :func:`write_tiny_grid` into the test's folder."""
     return lambda name="grid.yaml", **changes: write_tiny_grid(tmp_path, name, **changes)
-
-
-@pytest.fixture(scope="session")
-def write_cityscapes():
-    """``write_cityscapes(root, per_city=2)``: the reader tests' writer of the Cityscapes layout
-    (loaded from their conftest, which test modules cannot import under importlib mode)."""
-    path = Path(__file__).parents[1] / "data" / "readers" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("readers_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_cityscapes

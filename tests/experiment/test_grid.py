@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import reader_kit
 import yaml
 
 from contraseg.cli import main
@@ -323,8 +324,8 @@ def test_local_views_on_the_phantom_layer_are_the_documented_runs(tmp_path):
     assert {r.iterations for r in plan.level("finetune")} == {200}
 
 
-def test_the_cityscapes_grid_expands_on_a_cityscapes_layout(tmp_path, write_cityscapes):
-    root = write_cityscapes(tmp_path / "cityscapes", per_city=3)  # 9 images
+def test_the_cityscapes_grid_expands_on_a_cityscapes_layout(tmp_path):
+    root = reader_kit.write_cityscapes(tmp_path / "cityscapes", per_city=3)  # 9 images
     grid = load_grid([GRIDS / "cityscapes.yaml"], [f"data.root={root}"])
     split = get_reader(grid.data).split(grid.data.split_seed)
     plan = expand(grid, tmp_path / "out", split)
