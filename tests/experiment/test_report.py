@@ -9,10 +9,9 @@ from contraseg.config import PretrainGlobalRun
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.experiment.plan import Run
 from contraseg.experiment.report import global_embeddings, partition_ids
-from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import partial_state_dict
 from contraseg.training.checkpoint import save_weights
-from contraseg.training.stages import build_unet
+from contraseg.training.stages import build_global_head, build_unet
 
 
 def test_partition_ids_follow_the_sampler_with_the_tail_in_the_last_partition():
@@ -28,12 +27,7 @@ def test_global_embeddings_are_the_normalised_g1_of_e(tiny_config, tmp_path):
     torch.manual_seed(0)
     unet = build_unet(config.model, prepared).eval()
     height, width = cases[0].image.shape[-2:]
-    head = GlobalHead(
-        unet.bottleneck_features(height, width),
-        config.model.g1_hidden,
-        config.model.g1_out,
-        config.model.g1_batch_norm,
-    ).eval()
+    head = build_global_head(config.model, unet, height, width).eval()
     g1 = {f"g1.{k}": v for k, v in head.state_dict().items()}
     save_weights(tmp_path / "weights.safetensors", {**partial_state_dict(unet), **g1})
 

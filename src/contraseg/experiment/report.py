@@ -24,12 +24,11 @@ from contraseg.experiment.grid import STAGES, finetune_init
 from contraseg.experiment.plan import Plan, Run, run_state
 from contraseg.experiment.results import Row, class_names, comparison_table, table_markdown
 from contraseg.inference import Segmenter, resolve_device, slice_probabilities
-from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import load_partial
 from contraseg.report import figures, stats
 from contraseg.report.html import BulletList, Figure, Paragraph, Section, Table, write_html_report
 from contraseg.training.checkpoint import load_weights
-from contraseg.training.stages import build_unet
+from contraseg.training.stages import build_global_head, build_unet
 
 __all__ = ["global_embeddings", "partition_ids", "write_report"]
 
@@ -59,12 +58,7 @@ def global_embeddings(
     unet = build_unet(config.model, prepared)
     load_partial(unet, {k: v for k, v in state.items() if k.startswith("encoder.")})
     height, width = cases[0].image.shape[-2:]
-    head = GlobalHead(
-        unet.bottleneck_features(height, width),
-        config.model.g1_hidden,
-        config.model.g1_out,
-        config.model.g1_batch_norm,
-    )
+    head = build_global_head(config.model, unet, height, width)
     head.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("g1.")})
     where = resolve_device(device)
     unet.to(where).eval()

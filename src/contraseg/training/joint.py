@@ -28,9 +28,9 @@ from contraseg.losses import (
     local_loss_from_pairs,
     local_pairs,
 )
-from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import partial_state_dict
 from contraseg.training.stages import (
+    build_global_head,
     build_unet,
     local_embedder,
     prefixed_state,
@@ -70,12 +70,7 @@ class JointPretrainer(Trainer):
         )
         self.unet = build_unet(cfg.model, prepared)
         height, width = self.global_sampler.pool.slice_shape[-2:]
-        self.g1 = GlobalHead(
-            self.unet.bottleneck_features(height, width),
-            cfg.model.g1_hidden,
-            cfg.model.g1_out,
-            cfg.model.g1_batch_norm,
-        )
+        self.g1 = build_global_head(cfg.model, self.unet, height, width)
         head = local_embedder(self.unet, local, cfg.model, height, width, section="local_loss")
         self.embedder = head.embedder
         self.neg_index = None if head.neg_index is None else head.neg_index.to(self.device)

@@ -45,9 +45,8 @@ from contraseg.data.pretext import (
 )
 from contraseg.data.sampling import RandomSliceSampler
 from contraseg.errors import InputError
-from contraseg.models.heads import GlobalHead
 from contraseg.models.unet import partial_state_dict
-from contraseg.training.stages import build_unet, prefixed_state
+from contraseg.training.stages import build_global_head, build_unet, prefixed_state
 from contraseg.training.trainer import Speed, Trainer
 
 
@@ -74,10 +73,7 @@ class PretextPretrainer(Trainer):
                     f"{self.size[1]}: set data.size",
                 )
             self.unet = build_unet(cfg.model, prepared)
-            features = self.unet.bottleneck_features(*self.size)
-            self.head: nn.Module = GlobalHead(
-                features, cfg.model.g1_hidden, ROTATIONS, cfg.model.g1_batch_norm
-            )
+            self.head: nn.Module = build_global_head(cfg.model, self.unet, *self.size, ROTATIONS)
             trained = [*self.unet.encoder.parameters(), *self.head.parameters()]
             self.model = nn.ModuleDict({"unet": self.unet, "head": self.head})
         else:

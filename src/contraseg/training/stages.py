@@ -100,6 +100,19 @@ def build_unet(config: ModelConfig, prepared: PreparedDataset, outputs: int | No
     return UNet(prepared.in_channels, outputs or prepared.num_classes, tuple(config.widths))
 
 
+def build_global_head(
+    config: ModelConfig, unet: UNet, height: int, width: int, out: int | None = None
+) -> GlobalHead:
+    """g1 of ``config`` on ``unet``'s bottleneck for height x width slices, with ``out``
+    outputs (default ``model.g1_out``; a pretext classifier has its own)."""
+    return GlobalHead(
+        unet.bottleneck_features(height, width),
+        config.g1_hidden,
+        out or config.g1_out,
+        config.g1_batch_norm,
+    )
+
+
 def load_pretrained(unet: UNet, run_dir: str | Path, what: str, decoder: bool = False) -> list[str]:
     """Copy ``e`` (and with ``decoder`` the blocks ``d_l``) from an earlier stage's
     ``weights.safetensors`` into ``unet``; return the loaded keys. A missing run, missing
@@ -275,12 +288,7 @@ class GlobalPretrainer(Trainer):
         self.unet.decoder.requires_grad_(False)  # not part of stage 1
         self.unet.head.requires_grad_(False)
         height, width = self.sampler.pool.slice_shape[-2:]
-        self.g1 = GlobalHead(
-            self.unet.bottleneck_features(height, width),
-            cfg.model.g1_hidden,
-            cfg.model.g1_out,
-            cfg.model.g1_batch_norm,
-        )
+        self.g1 = build_global_head(cfg.model, self.unet, height, width)
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
         self.net = GlobalNet(self.unet, self.g1)
         self.optimizer = self.adam([*self.unet.encoder.parameters(), *self.g1.parameters()])
