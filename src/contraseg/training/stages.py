@@ -19,6 +19,7 @@ Each stage writes ``weights.safetensors``: stage 1 the encoder (keys ``encoder.*
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -292,6 +293,7 @@ class GlobalPretrainer(Trainer):
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
         self.net = GlobalNet(self.unet, self.g1)
         self.optimizer = self.adam([*self.unet.encoder.parameters(), *self.g1.parameters()])
+        self.loss_fn = functools.partial(global_loss_from_pairs, temperature=loss_cfg.temperature)
         self.pairs: GlobalPairs | None = None  # found at the first iteration (they gather)
         self.chance = math.nan
 
@@ -306,8 +308,7 @@ class GlobalPretrainer(Trainer):
             [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
         )
         z = all_gather_with_grad(self.net(views))
-        loss = global_loss_from_pairs(z, self.pairs, cfg.loss.temperature)
-        return loss, {"chance": self.chance}
+        return self.loss_fn(z, self.pairs), {"chance": self.chance}
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         return {**partial_state_dict(self.unet), **prefixed_state("g1", self.g1)}
@@ -350,6 +351,7 @@ class LocalPretrainer(Trainer):
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = self.adam([*decoder, *self.embedder.parameters()])
         self.neg_index = None if local.neg_index is None else local.neg_index.to(self.device)
+        self.loss_fn = functools.partial(local_loss_from_pairs, temperature=loss_cfg.temperature)
         self.chance = local.chance
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # at the first iteration
 
@@ -367,19 +369,14 @@ class LocalPretrainer(Trainer):
                 [pretrain_view(images, cfg.augment, gen, crop=False) for _ in range(2)]
             )
             regions = all_gather_with_grad(self.net(views))
-            loss = local_loss_from_pairs(
-                regions, *self.pairs, self.neg_index, temperature=cfg.loss.temperature
-            )
-            return loss, {"chance": self.chance}
+            return self.loss_fn(regions, *self.pairs, self.neg_index), {"chance": self.chance}
         (view1, theta1), (view2, theta2) = (
             transformed_view(images, cfg.augment, gen) for _ in range(2)
         )
         points = view_points(self.region_points, torch.cat([theta1, theta2]))
         regions = all_gather_with_grad(self.net(torch.cat([view1, view2]), points))
         valid = all_gather_rows(points_inside(points, self.fmap_size))
-        loss = local_loss_from_pairs(
-            regions, *self.pairs, self.neg_index, cfg.loss.temperature, valid
-        )
+        loss = self.loss_fn(regions, *self.pairs, self.neg_index, valid=valid)
         return loss, {"chance": masked_chance_from_pairs(valid, *self.pairs, self.neg_index)}
 
     def final_weights(self) -> dict[str, torch.Tensor]:

@@ -251,11 +251,13 @@ class Trainer:
     A stage's :meth:`setup` may also set ``self.net``, the module whose forward turns images
     into what the loss takes (embeddings, logits) and holds every trained parameter: that is
     the module data parallelism wraps and ``torch.compile`` compiles. Its parameters that never
-    get a gradient must have ``requires_grad`` False.
+    get a gradient must have ``requires_grad`` False. With it, ``self.loss_fn``, the pure
+    function that turns the network's output into the loss, is compiled alongside it.
     """
 
     stage = "train"
     net: nn.Module | None = None
+    loss_fn: Callable[..., Tensor] | None = None
 
     def __init__(
         self, config: Any, run_dir: str | Path, device: str = "auto", speed: Speed | None = None
@@ -481,6 +483,11 @@ class Trainer:
             self.cuda_graphs = cuda and self.world_size == 1
             mode = "reduce-overhead" if self.cuda_graphs else None
             net = torch.compile(net, backend=self.speed.compile_backend, mode=mode)
+            if self.loss_fn is not None:
+                # the loss is a few dozen small kernels: one launch with the network's
+                self.loss_fn = torch.compile(
+                    self.loss_fn, backend=self.speed.compile_backend, mode=mode
+                )
         self.net = net
 
     def _clear_run(self) -> None:
@@ -512,6 +519,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.cuda_graphs:  # a compiled loss lives in the graph's memory, reused next step
+            loss = loss.detach().clone()
         return loss, stats
 
     def _loop(self) -> None:
