@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -322,6 +323,25 @@ def test_compiled_networks_train_as_the_eager_ones(tiny_config, tmp_path, stage_
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow
+def test_a_later_run_of_the_same_shapes_compiles_nothing_new(tiny_config, tmp_path):
+    """What lets an experiment compile many short runs once (``compile_choices`` in
+    contraseg.experiment.execute): dynamo guards on the shapes of the parameters, not on which
+    tensors they are, so another run's new network (another seed, another labelled set) reuses
+    the graphs of the first, network and loss alike."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    speed = Speed(compile=True, compile_backend="aot_eager")
+    base = ("optim.iterations=2", "optim.batch_size=4", "finetune.val_every=2")
+    run_finetune(tiny_config(FinetuneRun, *base), tmp_path / "a", device="cpu", speed=speed)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the network's and the loss's
+    other = tiny_config(FinetuneRun, *base, "seed=1", "finetune.combination=c2")
+    run_finetune(other, tmp_path / "b", device="cpu", speed=speed)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_compiler_failure_says_how_to_train_without_it(tiny_config, tmp_path):
     def failing_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
@@ -378,14 +398,11 @@ def test_cuda_compiled_run_agrees_with_eager_within_seed_noise(tiny_config, tmp_
     assert (compiled - eager).abs().mean() < (other_seed - eager).abs().mean()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(
-    "stage", ["global", "local", "local-transformed", "finetune", "finetune-mixup"]
-)
-def test_cuda_training_steps_never_wait_for_the_gpu(stage, stage_runs, tiny_config, tmp_path):
-    """An eager step only queues work: no copy, read or check in it waits for the GPU, so the
-    host runs ahead of the device (CUDA's sync debug mode raises at any synchronising call)."""
+STEP_CASES = ["global", "local", "local-transformed", "finetune", "finetune-mixup"]
+
+
+def built_trainer(case, stage_runs, tiny_config, run_dir, device, speed):
+    """A trainer of one of STEP_CASES, built for ``train_step`` (10 iterations planned)."""
     global_dir, _ = stage_runs
     local = [f"encoder={global_dir}", "loss.strategy=LD", "loss.volumes_per_batch=2"]
     transformed = [*local, "loss.views=transformed"]
@@ -396,10 +413,33 @@ def test_cuda_training_steps_never_wait_for_the_gpu(stage, stage_runs, tiny_conf
         "finetune": (Finetuner, FinetuneRun, []),
         "finetune-mixup": (Finetuner, FinetuneRun, ["finetune.mixup_alpha=0.4"]),
     }
-    trainer_class, run_class, overrides = cases[stage]
+    trainer_class, run_class, overrides = cases[case]
     config = tiny_config(run_class, "optim.iterations=10", *overrides)
-    trainer = trainer_class(config, tmp_path, "cuda", Speed(compile=False))
+    trainer = trainer_class(config, run_dir, device, speed)
     trainer.build()
+    return trainer
+
+
+@pytest.mark.parametrize("stage", STEP_CASES)
+def test_each_stage_network_and_loss_trace_whole(stage, stage_runs, tiny_config, tmp_path):
+    """What a compiled run compiles (the network and the loss) traces into one graph each:
+    nothing in them reads a tensor's value, which would split the graph (and, on a GPU, wait
+    for it). The aot_eager backend traces without generating code."""
+    trainer = built_trainer(stage, stage_runs, tiny_config, tmp_path, "cpu", Speed(compile=False))
+    torch._dynamo.reset()
+    whole = functools.partial(torch.compile, backend="aot_eager", fullgraph=True)
+    trainer.net, trainer.loss_fn = whole(trainer.net), whole(trainer.loss_fn)
+    for iteration in (1, 2):
+        trainer.train_step(iteration)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage", STEP_CASES)
+def test_cuda_training_steps_never_wait_for_the_gpu(stage, stage_runs, tiny_config, tmp_path):
+    """An eager step only queues work: no copy, read or check in it waits for the GPU, so the
+    host runs ahead of the device (CUDA's sync debug mode raises at any synchronising call)."""
+    trainer = built_trainer(stage, stage_runs, tiny_config, tmp_path, "cuda", Speed(compile=False))
     trainer.train_step(1)  # the first step finds the pairs and may wait
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

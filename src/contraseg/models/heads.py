@@ -145,6 +145,12 @@ def extract_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
         raise ValueError(f"region size must be positive, got {size}")
     if corners.device.type == "cpu":  # checked where that needs no wait for the device
         check_regions_fit(region_extent(corners, size), fmap.shape[2], fmap.shape[3], size)
+    return _gather_regions(fmap, corners, size)
+
+
+def _gather_regions(fmap: Tensor, corners: Tensor, size: int) -> Tensor:
+    """:func:`extract_regions` without its checks, for :class:`LocalEmbedder`, which checks its
+    corners once: reading them every step would break a compiled graph (and, on a GPU, wait)."""
     corners = corners.to(device=fmap.device, dtype=torch.long)
     offsets = torch.arange(size, device=fmap.device)
     rows = (corners[:, 0, None] + offsets)[:, :, None]  # (R, K, 1)
@@ -317,7 +323,7 @@ class LocalEmbedder(nn.Module):
         features = self.g2(fmap)
         if points is None:
             check_regions_fit(self.extent, features.shape[2], features.shape[3], self.size)
-            regions = extract_regions(features, self.corners, self.size)
+            regions = _gather_regions(features, self.corners, self.size)
         else:
             regions = sample_regions(features, points)
         return regions if self.projector is None else self.projector(regions)
