@@ -43,6 +43,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start over instead of resuming from the last checkpoint",
     )
+    _add_no_compile(parser)
+
+
+def _add_no_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-compile",
         action="store_true",
@@ -168,6 +172,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         wait_timeout=args.wait_timeout,
         run=args.run,
+        no_compile=args.no_compile,
     )
     return 0 if result.outcome is None or result.outcome.ok else 1
 
@@ -175,7 +180,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from contraseg.demo import run_demo
 
-    result = run_demo(check_out_dir(args.out), quick=args.quick, device=args.device)
+    result = run_demo(
+        check_out_dir(args.out), quick=args.quick, device=args.device, no_compile=args.no_compile
+    )
     return 0 if result.outcome is None or result.outcome.ok else 1
 
 
@@ -374,12 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=86400.0,
         help="seconds a shard waits for another shard's run it needs (default 86400)",
     )
+    _add_no_compile(p)
     p.add_argument("--run", help=argparse.SUPPRESS)  # a worker: this one run of the grid
 
     p = command("demo", _cmd_demo, "The whole method end to end on the embedded phantom.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="smaller and shorter (about 2 minutes)")
     p.add_argument("--device", default="auto", help=DEVICES)
+    _add_no_compile(p)
     return parser
 
 

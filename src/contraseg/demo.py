@@ -28,10 +28,17 @@ def demo_grid(quick: bool = False) -> Path:
 
 
 def run_demo(
-    out: str | Path, quick: bool = False, device: str = "auto", overrides: Sequence[str] = ()
+    out: str | Path,
+    quick: bool = False,
+    device: str = "auto",
+    overrides: Sequence[str] = (),
+    no_compile: bool = False,
 ) -> ExperimentResult:
-    """Run the demo grid (with ``overrides``, as ``key=value``) into ``out``."""
+    """Run the demo grid (with ``overrides``, as ``key=value``) into ``out``; ``no_compile``
+    as ``contraseg experiment --no-compile``."""
     started = time.perf_counter()
-    result = run_experiment([demo_grid(quick)], out, overrides, device=device)
+    result = run_experiment(
+        [demo_grid(quick)], out, overrides, device=device, no_compile=no_compile
+    )
     print(f"\ndemo wall time {(time.perf_counter() - started) / 60:.1f} min")
     return result

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from contraseg.data.splits import generated_split
 from contraseg.errors import InputError
 from contraseg.experiment import expand, load_grid
-from contraseg.experiment.execute import parse_devices, parse_shard, shard_runs
+from contraseg.experiment.execute import (
+    compile_choices,
+    parse_devices,
+    parse_shard,
+    shard_runs,
+)
 from contraseg.experiment.plan import LEVELS, variant_name
+from contraseg.training.trainer import COMPILE_MIN_ITERATIONS
 
 SPLIT = generated_split([f"patient{i:03d}" for i in range(1, 25)], 0)
 
@@ -220,3 +227,27 @@ def test_the_command_line_offers_every_level():
     sub = next(a for a in parser._actions if a.dest == "command")
     level = next(a for a in sub.choices["experiment"]._actions if a.dest == "level")
     assert tuple(level.choices) == LEVELS
+
+
+def test_runs_of_one_shape_repay_one_compilation_together(tiny_grid, tmp_path):
+    """On CUDA a process compiles the fine-tunings when all of them together train long enough
+    to repay it, though each alone is too short; runs of another shape count apart, the CPU
+    never compiles, and --no-compile compiles nothing."""
+    each = COMPILE_MIN_ITERATIONS // 4 + 1  # 8 fine-tunings of this: twice the threshold
+    finetune = {"finetune": {"val_every": 2}, "optim": {"iterations": each, "batch_size": 4}}
+    plan = _plan(tiny_grid, tmp_path, finetune=finetune)
+    cuda = compile_choices(plan.runs, torch.device("cuda"))
+    assert len(plan.level("finetune")) == 8
+    assert all(cuda[r.name].compile for r in plan.level("finetune"))
+    assert not any(cuda[r.name].compile for r in plan.runs if r.stage != "finetune")
+    half = plan.level("finetune")[:4]  # 4 x ``each`` is just above the threshold
+    assert all(compile_choices(half, torch.device("cuda"))[r.name].compile for r in half)
+    assert not compile_choices(half[:3], torch.device("cuda"))[half[0].name].compile
+    wider = _plan(
+        tiny_grid, tmp_path, finetune={**finetune, "optim": {"iterations": each, "batch_size": 8}}
+    )
+    mixed = [*half[:2], *wider.level("finetune")[:2]]  # two shapes, neither repays it alone
+    assert not any(s.compile for s in compile_choices(mixed, torch.device("cuda")).values())
+    assert not any(s.compile for s in compile_choices(plan.runs, torch.device("cpu")).values())
+    never = compile_choices(plan.runs, torch.device("cuda"), no_compile=True)
+    assert not any(s.compile for s in never.values())

@@ -12,15 +12,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from child_process import child_env
 from scipy import stats as scipy_stats
 
+from contraseg import demo
 from contraseg.cli import main
 from contraseg.experiment import execute, load_plan, run_experiment
+from contraseg.experiment import run as run_module
 from contraseg.experiment.plan import TIME_FILE
+from contraseg.training.trainer import Speed
 
 pytestmark = pytest.mark.slow
 
@@ -156,9 +160,9 @@ def test_an_interrupted_paper_grid_continues_where_it_stopped(tmp_path, monkeypa
     def counting(stage):
         real = execute.RUNNERS[stage]
 
-        def run(config, run_dir, device="auto"):
+        def run(config, run_dir, device="auto", speed=None):
             trained.append(Path(run_dir).relative_to(out).as_posix())
-            return real(config, run_dir, device=device)
+            return real(config, run_dir, device=device, speed=speed)
 
         return run
 
@@ -283,7 +287,7 @@ def test_two_shards_together_do_every_run_exactly_once(tiny_grid, tmp_path):
     ]
     path = tiny_grid(initialisations=inits, combinations=["c1", "c2"], labelled_volumes=[1])
     out = tmp_path / "out"
-    # the preprocessing cache is not locked between processes: prepared before the shards start
+    # prepared before the shards start, so that neither waits for the other to prepare it
     every = {r.name for r in load_plan([path], out, claim=False)[0].runs}
     command = [sys.executable, "-m", "contraseg.cli", "experiment", "--config", str(path)]
     command += ["--out", str(out), "--device", "cpu"]
@@ -389,3 +393,33 @@ def test_joint_pretext_mixup_and_self_training_initialisations_run_and_pair(tiny
     again = run_experiment([path], out, device="cpu")
     assert again.outcome is not None and again.outcome.done == []
     assert len(again.outcome.finished) == len(result.plan.runs)
+
+
+def test_no_compile_reaches_every_run(tiny_grid, tmp_path, monkeypatch):
+    """``--no-compile`` of ``contraseg experiment`` and ``contraseg demo``: runs trained in this
+    process get it, and so do worker processes (on their command line)."""
+    speeds = []
+
+    def record(stage):
+        def run(config, run_dir, device="auto", speed=None):
+            speeds.append(speed)
+
+        return run
+
+    monkeypatch.setattr(execute, "RUNNERS", {stage: record(stage) for stage in execute.RUNNERS})
+    monkeypatch.setattr(execute, "evaluate_run", lambda *args, **kwargs: None)
+    path = tiny_grid(initialisations=[{"name": "random"}], labelled_volumes=[1])
+    main(["experiment", "--config", str(path), "--out", str(tmp_path / "out"), "--no-compile"])
+    assert speeds == [Speed(compile=False)]
+    worker = run_module._worker_command([path], tmp_path / "out", [], no_compile=True)
+    assert "--no-compile" in worker("finetune/random/1vol-c1-s0", "cpu")
+    assert "--no-compile" not in run_module._worker_command([path], tmp_path, [], False)("x", "cpu")
+    seen = {}
+
+    def fake_experiment(*args, **kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(outcome=None)
+
+    monkeypatch.setattr(demo, "run_experiment", fake_experiment)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-compile"]) == 0
+    assert seen["no_compile"] is True

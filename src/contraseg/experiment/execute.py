@@ -17,23 +17,28 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import torch
+
 from contraseg import fileio
 from contraseg.errors import InputError, TrainingError
 from contraseg.evaluation.evaluate import evaluate_run
 from contraseg.experiment.plan import LEVELS, TIME_FILE, Plan, Run, run_state
+from contraseg.inference.device import resolve_device
 from contraseg.training.joint import run_pretrain_joint
 from contraseg.training.pretext import run_pretrain_pretext
 from contraseg.training.stages import run_finetune, run_pretrain_global, run_pretrain_local
-from contraseg.training.trainer import MARKER
+from contraseg.training.trainer import MARKER, Speed, compile_by_default
 
 __all__ = [
     "Outcome",
     "Slot",
+    "compile_choices",
     "execute_run",
     "parse_devices",
     "parse_shard",
@@ -165,7 +170,7 @@ def _timed(run_dir: Path, key: str) -> Iterator[None]:
             fileio.write_json(path, times)
 
 
-def execute_run(run: Run, out: Path, device: str) -> None:
+def execute_run(run: Run, out: Path, device: str, speed: Speed | None = None) -> None:
     """Train (or resume) ``run`` unless it is trained, then evaluate a fine-tuning run."""
     run_dir = out / run.name
     state = run_state(run, out)
@@ -173,10 +178,41 @@ def execute_run(run: Run, out: Path, device: str) -> None:
         return
     if state != "trained":
         with _timed(run_dir, "train_s"):
-            RUNNERS[run.stage](run.config, run_dir, device=device)
+            RUNNERS[run.stage](run.config, run_dir, device=device, speed=speed)
     if run.stage == "finetune":
         with _timed(run_dir, "evaluate_s"):
             evaluate_run(run_dir, device=device)
+
+
+def _network_shapes(run: Run) -> str:
+    """What fixes the tensor shapes a run's compiled graphs are traced for: the stage, the
+    dataset (channels, classes), the image size, the network and the batch."""
+    config = run.config
+    batch = (config.optim.batch_size, getattr(config, "loss", None))
+    return repr((run.stage, config.data.dataset, config.data.size, config.model, batch))
+
+
+def compile_choices(
+    runs: Sequence[Run], device: torch.device, no_compile: bool = False
+) -> dict[str, Speed]:
+    """How each of ``runs``, trained one after another in one process, uses torch.compile.
+
+    A process compiles a network once per set of shapes: a later run of the same stage and
+    shapes reuses the compiled graphs (dynamo guards on the parameters' shapes, not on which
+    tensors they are; tests/training/test_stages.py checks it). So the iterations that must
+    repay a compilation (``compile_by_default``) are counted over the runs that share their
+    shapes, not run by run: the demo's 48 fine-tunings of 200 iterations compile once on a GPU,
+    where each alone would stay eager. ``no_compile`` (``--no-compile``) compiles none.
+    """
+    if no_compile:
+        return {run.name: Speed(compile=False) for run in runs}
+    totals: Counter[str] = Counter()
+    for run in runs:
+        totals[_network_shapes(run)] += run.iterations
+    return {
+        run.name: Speed(compile=compile_by_default(device, totals[_network_shapes(run)]))
+        for run in runs
+    }
 
 
 def _result_note(run: Run, out: Path) -> str:
@@ -212,6 +248,7 @@ class _Scheduler:
         wait: bool,
         wait_timeout: float,
         say: Callable[[str], None],
+        no_compile: bool,
     ) -> None:
         self.plan, self.out = plan, plan.out
         self.device, self.slots = device, list(slots or [])
@@ -227,6 +264,10 @@ class _Scheduler:
             else:
                 self.todo.append(run)
         self.total = len(self.todo)
+        # a worker is a process of its own, which decides for its one run
+        self.speeds = (
+            {} if self.slots else compile_choices(self.todo, resolve_device(device), no_compile)
+        )
         self.started = 0
         self.running: dict[str, _Worker] = {}
         self.free = list(self.slots)
@@ -292,7 +333,7 @@ class _Scheduler:
         self.say(f"{self._prefix()} {run.name} ({run_state(run, self.out)}, {self.device})")
         _failure_path(self.out, run.name).unlink(missing_ok=True)
         try:
-            execute_run(run, self.out, self.device)
+            execute_run(run, self.out, self.device, self.speeds[run.name])
         except KeyboardInterrupt:
             raise
         except Exception as err:
@@ -423,16 +464,20 @@ def run_plan(
     wait: bool = True,
     wait_timeout: float = 86400.0,
     say: Callable[[str], None] = print,
+    no_compile: bool = False,
 ) -> Outcome:
     """Run ``runs`` (a subset of ``plan``, in plan order) as their dependencies allow.
 
-    Without ``slots`` every run trains in this process on ``device``; with them, each slot
-    runs one worker process at a time (``worker_command(run name, device)``). A dependency
-    outside ``runs`` is another process's: with ``wait`` it is awaited (polling the output
-    folder, at most ``wait_timeout`` seconds per run), without it a run whose dependency is
-    not finished is not started.
+    Without ``slots`` every run trains in this process on ``device``, compiled as
+    :func:`compile_choices` says (never with ``no_compile``); with them, each slot runs one
+    worker process at a time (``worker_command(run name, device)``). A dependency outside
+    ``runs`` is another process's: with ``wait`` it is awaited (polling the output folder, at
+    most ``wait_timeout`` seconds per run), without it a run whose dependency is not finished
+    is not started.
     """
-    scheduler = _Scheduler(plan, runs, device, slots, worker_command, wait, wait_timeout, say)
+    scheduler = _Scheduler(
+        plan, runs, device, slots, worker_command, wait, wait_timeout, say, no_compile
+    )
     outcome = scheduler.run()
     sys.stdout.flush()
     return outcome

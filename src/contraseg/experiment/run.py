@@ -32,6 +32,7 @@ from contraseg.experiment.probe import describe_plan, probe
 from contraseg.experiment.report import PHANTOM_NOTE, write_report
 from contraseg.experiment.results import Row, collect_rows, comparison_table, write_tables
 from contraseg.report import stats
+from contraseg.training.trainer import Speed
 
 __all__ = ["ExperimentResult", "load_plan", "run_experiment"]
 
@@ -133,7 +134,7 @@ def load_plan(
 
 
 def _worker_command(
-    configs: Sequence[str | Path], out: Path, overrides: Sequence[str]
+    configs: Sequence[str | Path], out: Path, overrides: Sequence[str], no_compile: bool
 ) -> Callable[[str, str], list[str]]:
     def command(run: str, device: str) -> list[str]:
         files = [arg for path in configs for arg in ("--config", str(Path(path).absolute()))]
@@ -149,6 +150,7 @@ def _worker_command(
             run,
             "--device",
             device,
+            *(["--no-compile"] if no_compile else []),
             *overrides,
         ]
 
@@ -181,13 +183,15 @@ def run_experiment(
     dry_run: bool = False,
     wait_timeout: float = 86400.0,
     run: str | None = None,
+    no_compile: bool = False,
     say: Callable[[str], None] = print,
 ) -> ExperimentResult:
     """Run the grid of ``configs`` (+ ``overrides``) into ``out``; see docs/experiments.md.
 
     ``devices`` ("0,1,2,3" or "cpu,cpu") runs one worker process per entry; ``shard`` ("i/n")
     takes every n-th run of each level; ``level`` restricts to one level and does not wait for
-    another process's runs; ``run`` executes that one run only (what a worker does).
+    another process's runs; ``run`` executes that one run only (what a worker does);
+    ``no_compile`` never compiles a network (``--no-compile``).
     """
     out = fileio.check_out_dir(out)
     if level is not None and level not in LEVELS:
@@ -198,7 +202,7 @@ def run_experiment(
     chosen_shard = parse_shard(shard) if shard is not None else None
     if run is not None:
         plan, _ = load_plan(configs, out, overrides, claim=False)
-        execute_run(plan.run(run), out, device)
+        execute_run(plan.run(run), out, device, Speed(compile=False) if no_compile else None)
         return ExperimentResult(plan, None, [])
     plan, prepared = load_plan(configs, out, overrides, claim=not dry_run)
     mine = shard_runs(plan, chosen_shard, level)
@@ -219,10 +223,11 @@ def run_experiment(
         mine,
         device=device,
         slots=slots,
-        worker_command=_worker_command(configs, out, overrides) if slots else None,
+        worker_command=_worker_command(configs, out, overrides, no_compile) if slots else None,
         wait=level is None,
         wait_timeout=wait_timeout,
         say=say,
+        no_compile=no_compile,
     )
     say(outcome.summary())
     rows = collect_rows(plan)
