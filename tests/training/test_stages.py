@@ -275,7 +275,7 @@ def test_bad_input_writes_no_run_directory_and_a_failed_start_can_be_retried(
 
 def test_speed_defaults_follow_the_device(tiny_config, tmp_path):
     trainer = GlobalPretrainer(tiny_config(PretrainGlobalRun), tmp_path / "run", "cpu")
-    assert trainer.channels_last and not (trainer.autocast or trainer.fused_adam)
+    assert trainer.channels_last and trainer.fused_adam and not trainer.autocast
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert compile_by_default(cuda, COMPILE_MIN_ITERATIONS)
     assert not compile_by_default(cuda, COMPILE_MIN_ITERATIONS - 1)
@@ -355,8 +355,8 @@ def test_a_compiler_failure_says_how_to_train_without_it(tiny_config, tmp_path):
 
 
 def test_fused_adam_and_channels_last_resume_into_a_plain_run(tiny_config, tmp_path, monkeypatch):
-    """Fused Adam (a CUDA default) and channels-last weights exercised on the CPU: a checkpoint
-    written with them resumes without them and ends near the run that kept them."""
+    """Fused Adam and channels-last weights (the defaults): a checkpoint written with them
+    resumes without them and ends near the run that kept them."""
     config = tiny_config(
         FinetuneRun,
         "optim.iterations=4",
@@ -370,7 +370,8 @@ def test_fused_adam_and_channels_last_resume_into_a_plain_run(tiny_config, tmp_p
         _interrupt_at(patch, Finetuner, 3)
         with pytest.raises(KeyboardInterrupt):
             run_finetune(config, tmp_path / "resumed", device="cpu", speed=fast)
-    trainer = Finetuner(config, tmp_path / "resumed", "cpu", Speed(channels_last=False))
+    plain = Speed(fused_adam=False, channels_last=False)
+    trainer = Finetuner(config, tmp_path / "resumed", "cpu", plain)
     trainer.run()
     assert all(group["fused"] is None for group in trainer.optimizer.param_groups)
     a, b = _weights(straight), _weights(tmp_path / "resumed")

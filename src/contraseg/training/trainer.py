@@ -20,8 +20,8 @@ one. The rules of a run directory (what is ours, locking, resume, failures) are 
 docs/training.md.
 
 Speed (docs/training.md, "Speed and several GPUs"): the loop never waits for the device
-between log, validation and checkpoint points; convolution weights are channels-last; on
-CUDA it trains under bf16 autocast with fused Adam and, for runs long enough to pay for the
+between log, validation and checkpoint points; convolution weights are channels-last and Adam
+is fused; on CUDA it trains under bf16 autocast and, for runs long enough to pay for the
 compilation, ``torch.compile`` with CUDA graphs (:class:`Speed` chooses otherwise). Under
 ``torchrun --nproc_per_node=N`` the stage's network (``self.net``) runs in
 ``DistributedDataParallel``; every rank trains, rank 0 alone writes the run directory, and an
@@ -122,7 +122,8 @@ class Speed:
     - ``autocast``: bf16 autocast of the forward pass (default on CUDA).
     - ``channels_last``: convolution weights in channels-last layout (default on every
       device: faster on the CPU as on the GPU, BENCHMARKS.md).
-    - ``fused_adam``: Adam's fused kernel (default on CUDA).
+    - ``fused_adam``: Adam's fused kernel (default on every device: on the CPU it replaces
+      ten operators per parameter tensor by one call per step, BENCHMARKS.md).
     - ``pool_budget``: bytes the device-resident slice pool may take (default
       ``contraseg.data.sampling.default_budget``); a larger pool is gathered on the host.
     """
@@ -270,7 +271,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.autocast = cuda if self.speed.autocast is None else self.speed.autocast
         self.channels_last = self.speed.channels_last is not False
-        self.fused_adam = cuda if self.speed.fused_adam is None else self.speed.fused_adam
+        self.fused_adam = self.speed.fused_adam is not False
         self.compiled = False  # decided when the loop starts, from the iterations left
         self.cuda_graphs = False  # compiled with CUDA graphs (one GPU)
         self.iteration = 0
@@ -848,29 +849,31 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint that :meth:`_check_checkpoint` accepted."""
         self.model.load_state_dict(state["model"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]  # as built
         self.optimizer.load_state_dict(state["optimizer"])
-        self._adapt_optimizer_state()
+        self._adapt_optimizer_state(fused)
         self.sample_generator.set_state(state["rng_sample"])
         self.augment_generator.set_state(state["rng_augment"][self.rank].clone())
         torch.set_rng_state(state["rng_torch"][self.rank].clone())
         self.iteration = state["iteration"]
         self.load_extra_state(state["extra"])
 
-    def _adapt_optimizer_state(self) -> None:
-        """Fit a loaded Adam state to this run: its fused choice (a checkpoint may come from a
-        run on another device), the step counter where that kernel keeps it, moments in their
-        parameter's memory layout (channels-last)."""
-        for group in self.optimizer.param_groups:
+    def _adapt_optimizer_state(self, fused: list[bool | None]) -> None:
+        """Fit a loaded Adam state to the optimizer as this run built it: its fused choice per
+        group, ``fused`` (the checkpoint may come from a run with other options), the step
+        counter where that kernel keeps it, moments in their parameter's memory layout
+        (channels-last)."""
+        for group, group_fused in zip(self.optimizer.param_groups, fused, strict=True):
             if "fused" not in group:
                 continue
-            group["fused"] = self.fused_adam or None
+            group["fused"] = group_fused
             for param in group["params"]:
                 entry = self.optimizer.state.get(param, {})
                 for key, value in entry.items():
                     if not isinstance(value, Tensor):
                         continue
                     if key == "step":
-                        entry[key] = value.to(param.device if self.fused_adam else "cpu")
+                        entry[key] = value.to(param.device if group_fused else "cpu")
                     elif value.shape == param.shape:
                         entry[key] = torch.empty_like(param).copy_(value)
 
