@@ -9,17 +9,19 @@ On a phantom prepared at the stage's size, in one process, for each stage and ea
    extrapolated as set-up + warm-up (compilation included) + 9,980 timed-rate iterations. With
    it: peak device memory, and the ratio to the paper's Titan X times (supplement 1.4: 2 h
    global, 4 h local, 2 h fine-tuning). Target on one H100/H200: 10,000 iterations in 60 s.
-2. **steps**: on the same trainer, alternating timed windows of the *full step*
-   (``Trainer.train_step``: draw, augment, forward, loss, backward, Adam) and of the
-   *network-only step* (a bare PyTorch loop over the same network and optimiser on a batch
-   already on the device: forward, mean, backward, Adam). Target: full / network <= 1.15 at the
-   paper's size; their difference at the tiny size is the fixed per-iteration overhead.
+2. **steps**: on the same trainer, timed windows of the *full step* (``Trainer.train_step``:
+   draw, augment, forward, loss, backward, Adam) and of the *network-only step* (a bare
+   PyTorch loop over the same network and optimiser on a batch already on the device:
+   forward, mean, backward, Adam), for every variant asked for, all taken in turn. Target:
+   full / network <= 1.15 at the paper's size; their difference at the tiny size is the fixed
+   per-iteration overhead.
 
 Sizes: ``paper``: 192 x 192; pre-training 5 volumes x 4 partitions x 2 views (40 images),
-local 12 x 2, fine-tuning 20 with validation every 50. ``tiny``: 32 x 32, 4 images per batch
-(x 2 views), a narrow network.
+local 12 x 2, fine-tuning 20 with validation every 50. ``demo``: the demo's (64 x 64, 4 x 4 x 2
+images, fine-tuning 4). ``tiny``: 32 x 32, 4 images per batch (x 2 views), a narrow network.
 
-Run: ``.venv/bin/python bench/bench_train.py`` (CPU: step ratios at both sizes, eager);
+Run: ``.venv/bin/python bench/bench_train.py`` (CPU: step ratios at the tiny and the paper's
+size, eager);
 ``bench/gpu.sh`` runs it on a GPU with every variant. ``--write`` replaces this machine's rows
 in BENCHMARKS.md; ``--label`` names the code measured (default: the git commit).
 """
@@ -29,12 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,18 @@ SIZES = {
         "pretrain-global": ["loss.volumes_per_batch=5", "loss.partitions=4"],
         "pretrain-local": ["optim.batch_size=12"],
         "finetune": ["optim.batch_size=20", "finetune.val_every=50"],
+    },
+    "demo": {  # grids/demo.yaml
+        "size": 64,
+        "model": ["model.widths=[8,16,32,64,64,64]"],
+        "pretrain-global": ["loss.volumes_per_batch=4", "loss.partitions=4"],
+        "pretrain-local": [
+            "loss.strategy=LD",
+            "loss.volumes_per_batch=4",
+            "loss.partitions=4",
+            "optim.batch_size=12",
+        ],
+        "finetune": ["optim.batch_size=4", "finetune.val_every=40"],
     },
     "tiny": {
         "size": 32,
@@ -239,52 +254,51 @@ def network_step(trainer: Trainer, images: torch.Tensor) -> None:
 
 
 def input_images(trainer: Trainer) -> torch.Tensor:
-    """A batch of the shape the stage's network takes, already on the device."""
-    cfg = trainer.config
-    if isinstance(trainer, GlobalPretrainer):
-        n = 2 * cfg.loss.volumes_per_batch * cfg.loss.partitions
-    elif isinstance(trainer, LocalPretrainer):
-        n = 2 * cfg.optim.batch_size
-    else:
-        n = cfg.optim.batch_size
-    shape = trainer.sampler.pool.slice_shape
-    return torch.rand(n, *shape, device=trainer.device)
+    """A batch of the shape the stage's network takes (both views), already on the device."""
+    images = trainer.sampler.sample().images
+    views = 1 if isinstance(trainer, Finetuner) else 2
+    return torch.rand(views * images.shape[0], *images.shape[1:], device=trainer.device)
 
 
 def time_steps(
-    bench: Bench, trainer: Trainer, stage: str, size: str, variant: str, rounds: int, steps: int
-) -> list[str]:
-    """The row of STEP_COLUMNS: alternating windows of full and network-only steps."""
-    images = input_images(trainer)
+    bench: Bench, trainers: dict[str, Trainer], stage: str, size: str, rounds: int, steps: int
+) -> list[list[str]]:
+    """One row of STEP_COLUMNS per variant: windows of each variant's full step and of its
+    network-only step, taken in turn, so that a change of the machine's load hits all alike."""
     now = clock(bench.device)
-    iteration = trainer.iteration
+    windows: list[Callable[[], None]] = []
+    images = {}
+    for variant, trainer in trainers.items():
+        images[variant] = input_images(trainer)
+        iteration = iter(range(trainer.iteration + 1, 10**9))
 
-    def window(fn: Callable[[], object]) -> float:
-        sync(bench.device)
-        start = now()
-        for _ in range(steps):
-            fn()
-        sync(bench.device)
-        return (now() - start) * 1e3 / steps
+        def full(trainer: Trainer = trainer, iteration: Iterator[int] = iteration) -> None:
+            trainer.train_step(next(iteration))
 
-    def full() -> None:
-        nonlocal iteration
-        iteration += 1
-        trainer.train_step(iteration)
-
-    full()  # warm-up of both (compiles, when compiled and not yet run)
-    network_step(trainer, images)
-    fulls, nets = [], []
+        windows += [full, functools.partial(network_step, trainer, images[variant])]
+    for fn in windows:  # warm-up (compiles, when compiled and not yet run)
+        fn()
+    times: list[list[float]] = [[] for _ in windows]
     for _ in range(rounds):
-        fulls.append(window(full))
-        nets.append(window(lambda: network_step(trainer, images)))
-    full_ms, net_ms = statistics.median(fulls), statistics.median(nets)
+        for fn, out in zip(windows, times, strict=True):
+            sync(bench.device)
+            start = now()
+            for _ in range(steps):
+                fn()
+            sync(bench.device)
+            out.append((now() - start) * 1e3 / steps)
     spec = SIZES[size]
-    return [
-        stage, f"{spec['size']} x {spec['size']}", str(images.shape[0]), variant,
-        f"{full_ms:.2f}", f"{net_ms:.2f}", f"{full_ms / net_ms:.3f}", f"{full_ms - net_ms:.2f}",
-        bench.label, machine(bench.device), torch.__version__, datetime.date.today().isoformat(),
-    ]  # fmt: skip
+    rows = []
+    for index, variant in enumerate(trainers):
+        full_ms = statistics.median(times[2 * index])
+        net_ms = statistics.median(times[2 * index + 1])
+        rows.append([
+            stage, f"{spec['size']} x {spec['size']}", str(images[variant].shape[0]), variant,
+            f"{full_ms:.2f}", f"{net_ms:.2f}", f"{full_ms / net_ms:.3f}",
+            f"{full_ms - net_ms:.2f}", bench.label, machine(bench.device), torch.__version__,
+            datetime.date.today().isoformat(),
+        ])  # fmt: skip
+    return rows
 
 
 def built(bench: Bench, stage: str, size: str, variant: str) -> Trainer:
@@ -345,21 +359,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), device, args.label or git_label())
         for stage in args.stages:
-            for variant in args.variants:
-                trainer = None
-                if args.run_iterations:
-                    row, trainer = time_run(
+            ran: dict[str, Trainer] = {}
+            if args.run_iterations:
+                for variant in args.variants:
+                    row, ran[variant] = time_run(
                         bench, stage, args.run_size, variant, args.run_iterations, args.warm_up
                     )
                     record(run_rows, row)
-                for size in args.sizes:
-                    if trainer is None or size != args.run_size:
-                        trainer = built(bench, stage, size, variant)
-                    slow = size == "paper" and device.type == "cpu"
-                    steps = args.steps or (1 if slow else 30)
-                    row = time_steps(bench, trainer, stage, size, variant, args.rounds, steps)
+            for size in args.sizes:
+                trainers = {
+                    variant: ran[variant]
+                    if size == args.run_size and variant in ran
+                    else built(bench, stage, size, variant)
+                    for variant in args.variants
+                }
+                slow = size == "paper" and device.type == "cpu"
+                steps = args.steps or (1 if slow else 30)
+                for row in time_steps(bench, trainers, stage, size, args.rounds, steps):
                     record(step_rows, row)
-                    trainer = None
+                del trainers
     for row in compile_rows(run_rows, args.stages):
         print(" | ".join(row), flush=True)
     if args.write:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/training.md ("Speed and several GPUs") in one script,
-# for whoever has a CUDA GPU; about 8 minutes on one H100 or H200. Steps, most important first:
+# for whoever has a CUDA GPU; at most 8 minutes by default. Steps, most important first:
 #
 #   tests     the whole test suite on the CUDA machine (the CUDA-only tests included, among
 #             them a compiled and an eager run of 200 iterations against the noise of two seeds);
@@ -8,6 +8,8 @@
 #             the 10,000 iterations extrapolated from the timed ones after the warm-up, eager and
 #             compiled, with peak memory and the ratio to the paper's Titan X times; the full
 #             step against the network-only step;
+#   profile   where each stage's step spends its time at the paper's size, eager and compiled:
+#             host against device time, kernels per step, the busiest kernels;
 #   demo      the full demo, timed;
 #   overhead  the fixed per-iteration overhead at 32 x 32;
 #   options   each speed option switched off on its own (steps only);
@@ -15,9 +17,10 @@
 #
 # Each step writes its rows to BENCHMARKS.md as it measures them (this machine's rows are
 # replaced); commit them. A failing step does not stop the others; the summary at the end names
-# it and the exit status is 1. GPU_BUDGET=SECONDS caps the whole script (on a lent machine with
-# little time): each step gets at most its own limit and what is left, and a step that would get
-# under 20 s is skipped.
+# it and the exit status is 1. GPU_BUDGET=SECONDS caps the whole script (default 470: under 8
+# minutes; every step's own limit adds up to 950): each step gets at most its own limit and what
+# is left, and a step that would get under 20 s is skipped, so the last steps are the first to
+# go. Name the steps to run only those.
 #
 # Needs python3 with PyTorch (CUDA) and contraseg's dependencies; nibabel and MONAI can come as
 # wheels in bench/wheels/ (bench/wheels/README.md). Run from anywhere: bench/gpu.sh [STEP...]
@@ -25,8 +28,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
-BUDGET=${GPU_BUDGET:-100000}
-ALL_STEPS=(tests stages demo overhead options kernels)
+BUDGET=${GPU_BUDGET:-470}
+ALL_STEPS=(tests stages profile demo overhead options kernels)
 STEPS=("${@:-${ALL_STEPS[@]}}")
 for name in "${STEPS[@]}"; do
     if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
@@ -113,6 +116,8 @@ step() {
 step tests 240 "$PYTHON" -m pytest -vv -p no:cacheprovider -n 8 tests
 step stages 230 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants no-compile default --run-iterations 200 --warm-up 20 --write
+step profile 120 "$PYTHON" bench/bench_profile.py --device cuda --size paper \
+    --variants no-compile default --write
 step demo 120 "$PYTHON" bench/bench_demo.py --device cuda --write
 step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
     --variants no-compile --write
