@@ -11,6 +11,7 @@ CPU. The contrastive losses gather across ranks through ``contraseg.losses.distr
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -113,8 +114,14 @@ def init_distributed(device: torch.device) -> tuple[DistributedInfo, torch.devic
 
 
 def destroy_distributed() -> None:
-    """Leave the process group, if any (at the end of a run, on every rank)."""
+    """Leave the process group, if any (at the end of a run, on every rank).
+
+    Unreachable objects are collected first: a DistributedDataParallel module left in a
+    reference cycle keeps the group alive until the interpreter exits, and gloo's threads,
+    which still hold its work, then abort the process (SIGABRT) after a run that ended well.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -286,6 +286,7 @@ class Trainer:
         self._lock = RunLock(self.run_dir)
         self._saved_iteration: int | None = None  # of the checkpoint on disk, if any
         self._pending: list[torch.Tensor] = []  # losses since the last check, on the device
+        self._unwrapped: nn.Module | None = None  # self.net before DDP, while a run holds it
         self._stop_requested = False
 
     # ---- hooks --------------------------------------------------------------------------
@@ -375,6 +376,8 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
             self._lock.release()
+            if self._unwrapped is not None:  # see destroy_distributed: DDP holds the group
+                self.net, self._unwrapped = self._unwrapped, None
         if self.is_main:
             print(self.summary())
         return self.run_dir
@@ -475,6 +478,7 @@ class Trainer:
         net = self.net
         cuda = self.device.type == "cuda"
         if self.world_size > 1:
+            self._unwrapped = net
             net = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
         left = self.config.optim.iterations - self.iteration
         choice = self.speed.compile
