@@ -26,7 +26,15 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from bench_train import SIZES, STAGES, VARIANTS, Bench, built, git_label, sync
+from bench_train import (
+    SIZES,
+    Bench,
+    add_stage_options,
+    bench_device,
+    built,
+    git_label,
+    sync,
+)
 from benchmarks_md import machine, write_section
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -110,18 +118,12 @@ def row(bench: Bench, stage: str, size: str, variant: str, warm_up: int, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"])
+    add_stage_options(parser)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--warm-up", type=int, default=10, help="untimed first steps")
     parser.add_argument("--steps", type=int, default=20, help="steps per window")
-    parser.add_argument("--label", default="", help="the code measured (default: git commit)")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = bench_device(args.device)
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(Path(tmp), device, args.label or git_label())

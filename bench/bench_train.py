@@ -328,23 +328,35 @@ def git_label() -> str:
     return out.stdout.strip()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_stage_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark of the stages takes: where, which stages and variants, and
+    what to do with the rows."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"])
+    parser.add_argument("--label", default="", help="the code measured (default: git commit)")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+
+
+def bench_device(name: str) -> torch.device:
+    """The device measured; on the CPU with one thread, whose CPU time the rows report."""
+    device = torch.device(name)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    return device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_stage_options(parser)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["tiny", "paper"])
     parser.add_argument("--run-iterations", type=int, default=0, help="0: no timed run")
     parser.add_argument("--run-size", choices=list(SIZES), default="paper")
     parser.add_argument("--warm-up", type=int, default=20, help="untimed first iterations")
     parser.add_argument("--rounds", type=int, default=3, help="alternating step windows")
     parser.add_argument("--steps", type=int, default=0, help="steps per window (0: by size)")
-    parser.add_argument("--label", default="", help="the code measured (default: git commit)")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = bench_device(args.device)
     run_rows: list[list[str]] = []
     step_rows: list[list[str]] = []
 
