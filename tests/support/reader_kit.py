@@ -157,14 +157,24 @@ def write_cityscapes(
                 ids = rng.integers(0, 34, (height // 4, width // 4)).astype(np.uint8)
                 ids = np.kron(ids, np.ones((4, 4), dtype=np.uint8))
                 rgb = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
-                image_dir = root / "leftImg8bit" / split / city
-                label_dir = root / "gtFine" / split / city
-                image_dir.mkdir(parents=True, exist_ok=True)
-                label_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rgb).save(image_dir / f"{stem}_leftImg8bit.png")
-                Image.fromarray(ids).save(label_dir / f"{stem}_gtFine_labelIds.png")
-                Image.fromarray(rgb).save(label_dir / f"{stem}_gtFine_color.png")
+                save_cityscapes_frame(root, split, city, stem, rgb, ids)
+                colour = root / "gtFine" / split / city / f"{stem}_gtFine_color.png"
+                Image.fromarray(rgb).save(colour)
     return root
+
+
+def save_cityscapes_frame(
+    root: Path, split: str, city: str, stem: str, rgb: np.ndarray, ids: np.ndarray
+) -> None:
+    """One frame in Cityscapes' layout: leftImg8bit/SPLIT/CITY/STEM_leftImg8bit.png and its
+    label ids in gtFine/SPLIT/CITY/STEM_gtFine_labelIds.png."""
+    for folder, name, array in (
+        ("leftImg8bit", f"{stem}_leftImg8bit.png", rgb),
+        ("gtFine", f"{stem}_gtFine_labelIds.png", ids),
+    ):
+        path = root / folder / split / city / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
 
 
 # -- command line --------------------------------------------------------------------------

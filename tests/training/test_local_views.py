@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from reader_kit import save_cityscapes_frame
 
 from contraseg.config import (
     FinetuneRun,
@@ -185,13 +185,7 @@ def _write_cityscapes(root: Path, images: int = 8) -> Path:
         for label_id, colour in ((7, (90, 90, 90)), (23, (120, 170, 230)), (26, (200, 30, 30))):
             rgb[ids == label_id] = colour
         rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
-        for folder, name, array in (
-            ("leftImg8bit", f"{stem}_leftImg8bit.png", rgb),
-            ("gtFine", f"{stem}_gtFine_labelIds.png", ids),
-        ):
-            path = root / folder / split / city / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
+        save_cityscapes_frame(root, split, city, stem, rgb, ids)
     return root
 
 
