@@ -39,6 +39,8 @@ from benchmarks_md import machine, write_section
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from contraseg.training.trainer import Trainer
+
 COLUMNS = [
     "stage", "size", "variant", "wall ms", "host ms", "busy ms", "kernels", "busiest kernels",
     "code", "machine", "torch", "date",
@@ -55,29 +57,29 @@ KEY = ("stage", "size", "variant", "code", "machine", "torch")
 TOP = 3  # kernels named in a row
 
 
-def window(trainer: object, first: int, steps: int) -> tuple[float, float]:
+def window(trainer: Trainer, first: int, steps: int) -> tuple[float, float]:
     """(wall ms, host ms) per step over ``steps`` steps from iteration ``first``."""
-    device = trainer.device  # type: ignore[attr-defined]
+    device = trainer.device
     sync(device)
     start = time.perf_counter()
     for iteration in range(first, first + steps):
-        trainer.train_step(iteration)  # type: ignore[attr-defined]
+        trainer.train_step(iteration)
     queued = time.perf_counter()
     sync(device)
     end = time.perf_counter()
     return (end - start) * 1e3 / steps, (queued - start) * 1e3 / steps
 
 
-def profiled(trainer: object, first: int, steps: int) -> tuple[float | None, float, str]:
+def profiled(trainer: Trainer, first: int, steps: int) -> tuple[float | None, float, str]:
     """(busy ms, kernels, busiest kernels) per step; busy is None on the CPU, where the count
     is of top-level aten operators."""
-    device = trainer.device  # type: ignore[attr-defined]
+    device = trainer.device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     sync(device)
     with profile(activities=activities) as prof:
         for iteration in range(first, first + steps):
-            trainer.train_step(iteration)  # type: ignore[attr-defined]
+            trainer.train_step(iteration)
         sync(device)
     times: Counter[str] = Counter()
     if cuda:  # the device's rows: kernels, copies and fills, with their calls and own time
