@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 
 from contraseg.config import FinetuneAugmentConfig, LocalAugmentConfig, PretrainAugmentConfig
 from contraseg.data.augment import (
+    VIEW_PARAMS,
     adjust_hue,
     adjust_intensity,
     adjust_saturation,
+    apply_finetune,
+    apply_view,
     colour_jitter,
     finetune_augment,
+    jitter_enabled,
     pretrain_view,
     sample_affine,
     sample_colour_jitter,
     sample_crop,
     sample_elastic_field,
+    sample_finetune,
     sample_intensity,
     sample_resized_crop,
+    sample_view,
     transformed_view,
     warp,
     warp_labels,
@@ -391,3 +398,88 @@ def test_pretrain_view_with_colour_jitter_and_aspect_crops() -> None:
     plain = pretrain_view(grey, PretrainAugmentConfig(), _gen(6), crop=False)
     coloured = dataclasses.replace(PretrainAugmentConfig(), saturation=[0.5, 1.5], hue=0.2)
     torch.testing.assert_close(pretrain_view(grey, coloured, _gen(6), crop=False), plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters drawn on the host, applied on the device (what a compiled step does)
+
+
+def test_view_rows_hold_the_parameters_pretrain_view_draws() -> None:
+    """A row per image: the crop's theta (the identity without a crop), then brightness,
+    contrast, saturation 1 and hue 0 when only the first two are jittered."""
+    config = PretrainAugmentConfig()
+    rows = sample_view(5, (24, 32), config, _gen(7))
+    generator = _gen(7)
+    theta = sample_crop(5, (24, 32), config, generator)
+    brightness, contrast = sample_intensity(5, config, generator)
+    assert rows.shape == (5, VIEW_PARAMS) and rows.dtype == torch.float64
+    assert torch.equal(rows[:, :6], theta.reshape(5, 6))
+    assert torch.equal(rows[:, 6:8], torch.stack([brightness, contrast], dim=1))
+    assert torch.equal(rows[:, 8:], torch.tensor([[1.0, 0.0]] * 5, dtype=torch.float64))
+    plain = sample_view(5, (24, 32), config, _gen(7), crop=False)
+    assert torch.equal(
+        plain[:, :6], torch.eye(2, 3, dtype=torch.float64).reshape(1, 6).expand(5, 6)
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LocalAugmentConfig(), LocalAugmentConfig(crop_shape="aspect", saturation=[0.5, 1.5])],
+)
+def test_views_made_in_one_call_equal_views_made_one_by_one(config) -> None:
+    """What the pre-training stages do: both views' rows drawn in turn, copied at once and
+    applied to the batch twice over in one call, bit for bit the views drawn one by one."""
+    images = torch.rand(4, 3, 16, 24)
+    generator = _gen(8)
+    one_by_one = torch.cat([pretrain_view(images, config, generator) for _ in range(2)])
+    assert torch.equal(pretrain_view(images, config, _gen(8), views=2), one_by_one)
+    generator = _gen(9)
+    first, second = (transformed_view(images, config, generator) for _ in range(2))
+    views, theta = transformed_view(images, config, _gen(9), views=2)
+    assert torch.equal(views, torch.cat([first[0], second[0]]))
+    assert torch.equal(theta, torch.cat([first[1], second[1]]))
+    assert theta.dtype == torch.float64 and theta.device.type == "cpu"  # for view_points
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        FinetuneAugmentConfig(elastic_prob=1.0),
+        FinetuneAugmentConfig(geometry="crop", brightness=0.2, saturation=[0.5, 1.5], hue=0.1),
+    ],
+)
+def test_finetune_rows_hold_theta_then_the_jitter(config) -> None:
+    """One row per image: theta, then the four jitter parameters when any is set; the elastic
+    field (affine geometry only) is drawn between the two."""
+    generator = _gen(9)
+    rows, field = sample_finetune(6, (20, 28), config, generator)
+    reference = _gen(9)
+    if config.geometry == "crop":
+        theta = sample_resized_crop(6, config.crop_fraction, 0.0, reference)
+        assert field is None
+    else:
+        theta = sample_affine(6, (20, 28), config, reference)
+        assert torch.equal(field, sample_elastic_field(6, (20, 28), config, reference))
+    assert torch.equal(rows[:, :6], theta.reshape(6, 6))
+    if jitter_enabled(config):
+        jitter = torch.stack(sample_colour_jitter(6, config, reference), dim=1)
+        assert torch.equal(rows[:, 6:], jitter)
+    assert rows.shape[1] == (10 if jitter_enabled(config) else 6)
+    assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_compiled_appliers_trace_whole_and_give_what_eager_gives() -> None:
+    """The trainer passes the appliers compiled (``apply``): nothing in them reads a value, so
+    each traces into one graph, and the result is the eager one."""
+    whole = functools.partial(torch.compile, backend="aot_eager", fullgraph=True)
+    images, labels = torch.rand(4, 1, 16, 16), _disks(4, 16, 16)
+    config = PretrainAugmentConfig()
+    torch._dynamo.reset()
+    eager = pretrain_view(images, config, _gen(10), views=2)
+    assert torch.equal(
+        pretrain_view(images, config, _gen(10), views=2, apply=whole(apply_view)), eager
+    )
+    finetune = FinetuneAugmentConfig(elastic_prob=1.0)
+    eager = finetune_augment(images, labels, finetune, _gen(11))
+    traced = finetune_augment(images, labels, finetune, _gen(11), whole(apply_finetune))
+    assert torch.equal(traced[0], eager[0]) and torch.equal(traced[1], eager[1])

@@ -231,8 +231,8 @@ def test_the_command_line_offers_every_level():
 
 def test_runs_of_one_shape_repay_one_compilation_together(tiny_grid, tmp_path):
     """On CUDA a process compiles the fine-tunings when all of them together train long enough
-    to repay it, though each alone is too short; runs of another shape count apart, the CPU
-    never compiles, and --no-compile compiles nothing."""
+    to repay it, though each alone is too short; runs of another shape or augmentation count
+    apart, the CPU never compiles, and --no-compile compiles nothing."""
     each = COMPILE_MIN_ITERATIONS // 4 + 1  # 8 fine-tunings of this: twice the threshold
     finetune = {"finetune": {"val_every": 2}, "optim": {"iterations": each, "batch_size": 4}}
     plan = _plan(tiny_grid, tmp_path, finetune=finetune)
@@ -247,6 +247,9 @@ def test_runs_of_one_shape_repay_one_compilation_together(tiny_grid, tmp_path):
         tiny_grid, tmp_path, finetune={**finetune, "optim": {"iterations": each, "batch_size": 8}}
     )
     mixed = [*half[:2], *wider.level("finetune")[:2]]  # two shapes, neither repays it alone
+    assert not any(s.compile for s in compile_choices(mixed, torch.device("cuda")).values())
+    cropped = _plan(tiny_grid, tmp_path, finetune={**finetune, "augment": {"geometry": "crop"}})
+    mixed = [*half[:2], *cropped.level("finetune")[:2]]  # another compiled augmentation
     assert not any(s.compile for s in compile_choices(mixed, torch.device("cuda")).values())
     assert not any(s.compile for s in compile_choices(plan.runs, torch.device("cpu")).values())
     never = compile_choices(plan.runs, torch.device("cuda"), no_compile=True)

@@ -328,7 +328,7 @@ def test_a_later_run_of_the_same_shapes_compiles_nothing_new(tiny_config, tmp_pa
     """What lets an experiment compile many short runs once (``compile_choices`` in
     contraseg.experiment.execute): dynamo guards on the shapes of the parameters, not on which
     tensors they are, so another run's new network (another seed, another labelled set) reuses
-    the graphs of the first, network and loss alike."""
+    the graphs of the first: augmentation, network and loss alike."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -336,7 +336,7 @@ def test_a_later_run_of_the_same_shapes_compiles_nothing_new(tiny_config, tmp_pa
     base = ("optim.iterations=2", "optim.batch_size=4", "finetune.val_every=2")
     run_finetune(tiny_config(FinetuneRun, *base), tmp_path / "a", device="cpu", speed=speed)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 2  # the network's and the loss's
+    assert graphs >= 3  # the augmentation's, the network's and the loss's
     other = tiny_config(FinetuneRun, *base, "seed=1", "finetune.combination=c2")
     run_finetune(other, tmp_path / "b", device="cpu", speed=speed)
     assert counters["stats"]["unique_graphs"] == graphs
@@ -399,7 +399,14 @@ def test_cuda_compiled_run_agrees_with_eager_within_seed_noise(tiny_config, tmp_
     assert (compiled - eager).abs().mean() < (other_seed - eager).abs().mean()
 
 
-STEP_CASES = ["global", "local", "local-transformed", "finetune", "finetune-mixup"]
+STEP_CASES = [
+    "global",
+    "local",
+    "local-transformed",
+    "finetune",
+    "finetune-mixup",
+    "finetune-crop-jitter",
+]
 
 
 def built_trainer(case, stage_runs, tiny_config, run_dir, device, speed):
@@ -413,6 +420,11 @@ def built_trainer(case, stage_runs, tiny_config, run_dir, device, speed):
         "local-transformed": (LocalPretrainer, PretrainLocalRun, transformed),
         "finetune": (Finetuner, FinetuneRun, []),
         "finetune-mixup": (Finetuner, FinetuneRun, ["finetune.mixup_alpha=0.4"]),
+        "finetune-crop-jitter": (
+            Finetuner,
+            FinetuneRun,
+            ["augment.geometry=crop", "augment.brightness=0.1", "augment.contrast=[0.8,1.2]"],
+        ),
     }
     trainer_class, run_class, overrides = cases[case]
     config = tiny_config(run_class, "optim.iterations=10", *overrides)
@@ -422,13 +434,15 @@ def built_trainer(case, stage_runs, tiny_config, run_dir, device, speed):
 
 
 @pytest.mark.parametrize("stage", STEP_CASES)
-def test_each_stage_network_and_loss_trace_whole(stage, stage_runs, tiny_config, tmp_path):
-    """What a compiled run compiles (the network and the loss) traces into one graph each:
-    nothing in them reads a tensor's value, which would split the graph (and, on a GPU, wait
-    for it). The aot_eager backend traces without generating code."""
+def test_what_a_compiled_step_compiles_traces_whole(stage, stage_runs, tiny_config, tmp_path):
+    """What a compiled run compiles (the augmentation's applier, the network and the loss)
+    traces into one graph each: nothing in them reads a tensor's value, which would split the
+    graph (and, on a GPU, wait for it). The aot_eager backend traces without generating code."""
     trainer = built_trainer(stage, stage_runs, tiny_config, tmp_path, "cpu", Speed(compile=False))
     torch._dynamo.reset()
     whole = functools.partial(torch.compile, backend="aot_eager", fullgraph=True)
+    assert trainer.augment_fn is not None
+    trainer.augment_fn = whole(trainer.augment_fn)
     trainer.net, trainer.loss_fn = whole(trainer.net), whole(trainer.loss_fn)
     for iteration in (1, 2):
         trainer.train_step(iteration)

@@ -3,7 +3,11 @@
 Every random parameter is drawn per image on the CPU from the caller's ``torch.Generator`` and
 only then moved to the batch's device, so a seed gives the same augmentation on CPU and GPU and
 the GPU never waits on per-image CPU work. The samplers are public so tests (and users) can see
-exactly which transform was applied.
+exactly which transform was applied. Each augmentation is a sampler of all its parameters as one
+row per image (:func:`sample_view`, :func:`sample_transformed_view`, :func:`sample_finetune`)
+and a pure function that applies them (:func:`apply_view`, :func:`apply_finetune`): the trainer
+copies a batch's parameters to the device in one transfer and compiles the appliers with the
+network (docs/training.md, "Speed and several GPUs").
 
 Geometry follows ``torch.nn.functional.affine_grid``/``grid_sample`` with
 ``align_corners=False``: ``theta`` (B, 2, 3) maps normalised output coordinates (x, y in
@@ -24,6 +28,7 @@ and the random crop and colour jitter of the supplement's Cityscapes experiment
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -33,9 +38,13 @@ from contraseg.config import FinetuneAugmentConfig, LocalAugmentConfig, Pretrain
 from contraseg.devices import to_device
 
 __all__ = [
+    "VIEW_PARAMS",
     "adjust_hue",
     "adjust_intensity",
     "adjust_saturation",
+    "apply_finetune",
+    "apply_view",
+    "colour_enabled",
     "colour_jitter",
     "finetune_augment",
     "jitter_enabled",
@@ -44,15 +53,23 @@ __all__ = [
     "sample_colour_jitter",
     "sample_crop",
     "sample_elastic_field",
+    "sample_finetune",
     "sample_intensity",
     "sample_resized_crop",
+    "sample_transformed_view",
+    "sample_view",
     "transformed_view",
+    "view_theta",
     "warp",
     "warp_labels",
 ]
 
 # Options of the per-image geometric transform (docs/augmentation.md); ROT45 only if config.rot45.
 ROTATE, SCALE, FLIP, ROT45, NONE = range(5)
+# A row of a view's parameters: its sampling theta (2 x 3, row-major), then brightness,
+# contrast, saturation and hue (see sample_view).
+THETA = 6
+VIEW_PARAMS = THETA + 4
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -210,6 +227,87 @@ def sample_elastic_field(
     return dense.permute(0, 2, 3, 1)
 
 
+def colour_enabled(config: PretrainAugmentConfig) -> bool:
+    """Whether a view's saturation or hue is jittered, besides brightness and contrast."""
+    return list(config.saturation) != [1.0, 1.0] or config.hue != 0
+
+
+def _view_row(
+    theta: torch.Tensor, config: PretrainAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, VIEW_PARAMS): ``theta`` then the colour parameters, drawn after it; saturation 1 and
+    hue 0 (no random draw) unless :func:`colour_enabled`."""
+    batch = theta.shape[0]
+    if colour_enabled(config):
+        colour = sample_colour_jitter(batch, config, generator)
+    else:
+        brightness, contrast = sample_intensity(batch, config, generator)
+        colour = (brightness, contrast, torch.ones_like(contrast), torch.zeros_like(contrast))
+    return torch.cat([theta.reshape(batch, THETA), torch.stack(colour, dim=1)], dim=1)
+
+
+def sample_view(
+    batch: int,
+    size: tuple[int, int],
+    config: PretrainAugmentConfig,
+    generator: torch.Generator,
+    crop: bool = True,
+) -> torch.Tensor:
+    """The parameters of :func:`pretrain_view` for ``batch`` images of ``size``: (B,
+    VIEW_PARAMS) float64 on the CPU, one row per image (the crop's theta, the identity without
+    ``crop``; brightness, contrast, saturation, hue)."""
+    if not crop:
+        theta = torch.eye(2, 3, dtype=torch.float64).expand(batch, 2, 3)
+    elif config.crop_shape == "square":
+        theta = sample_crop(batch, size, config, generator)
+    else:
+        theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
+    return _view_row(theta, config, generator)
+
+
+def sample_transformed_view(
+    batch: int, config: LocalAugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The parameters of :func:`transformed_view`, as :func:`sample_view`'s rows: a crop of
+    U(view_crop_fraction) x each side, mirrored with probability view_flip_prob."""
+    theta = sample_resized_crop(batch, config.view_crop_fraction, config.view_flip_prob, generator)
+    return _view_row(theta, config, generator)
+
+
+def view_theta(params: torch.Tensor) -> torch.Tensor:
+    """The sampling theta (B, 2, 3) of a view's parameter rows."""
+    return params[:, :THETA].reshape(-1, 2, 3)
+
+
+def sample_finetune(
+    batch: int,
+    size: tuple[int, int],
+    config: FinetuneAugmentConfig,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The parameters of :func:`finetune_augment`: rows (B, 6 or 10) float64 on the CPU, one per
+    image, with theta (:func:`sample_resized_crop` for ``geometry: crop``, else
+    :func:`sample_affine`) and then the four jitter parameters if :func:`jitter_enabled` (none
+    drawn otherwise); and for ``geometry: affine`` the elastic field on ``device``
+    (:func:`sample_elastic_field`, drawn between the two), else None.
+
+    The field is upsampled here, not in :func:`apply_finetune`: compiled, the bicubic
+    upsampling rounds differently from PyTorch's kernel, and a compiled run would no longer
+    train exactly as an eager one.
+    """
+    field = None
+    if config.geometry == "crop":
+        theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
+    else:
+        theta = sample_affine(batch, size, config, generator)
+        field = sample_elastic_field(batch, size, config, generator, device)
+    parts = [theta.reshape(batch, THETA)]
+    if jitter_enabled(config):
+        parts.append(torch.stack(sample_colour_jitter(batch, config, generator), dim=1))
+    return torch.cat(parts, dim=1), field
+
+
 # ---------------------------------------------------------------------------------------------
 # Appliers (on the batch's device)
 
@@ -333,16 +431,27 @@ def colour_jitter(
     return adjust_hue(adjust_saturation(images, saturation), hue)
 
 
-def _view_intensity(
-    images: torch.Tensor, config: PretrainAugmentConfig, generator: torch.Generator
+def apply_view(
+    images: torch.Tensor,
+    params: torch.Tensor,
+    clip: tuple[float, float] | list[float],
+    crop: bool = True,
+    colour: bool = False,
 ) -> torch.Tensor:
-    """Brightness/contrast (and, when set, saturation/hue), then the clip, of a view."""
-    batch = images.shape[0]
-    if list(config.saturation) == [1.0, 1.0] and config.hue == 0:
-        brightness, contrast = sample_intensity(batch, config, generator)
-        return adjust_intensity(images, brightness, contrast, config.clip)
-    jittered = colour_jitter(images, *sample_colour_jitter(batch, config, generator))
-    return jittered.clamp(config.clip[0], config.clip[1])
+    """The views of (B, C, H, W) ``images`` for parameter rows ``params`` (B, VIEW_PARAMS) of
+    :func:`sample_view`, on the images' device.
+
+    With ``crop``, the crop resized back to (H, W) (bilinear); then per-image brightness and
+    contrast, or with ``colour`` (:func:`colour_enabled`) all four steps of
+    :func:`colour_jitter`, and the clip. Reads no value, so it compiles into one graph.
+    """
+    if crop:
+        images = warp(images, view_theta(params), padding="border")
+    brightness, contrast, saturation, hue = params[:, THETA:].unbind(dim=1)
+    if not colour:
+        return adjust_intensity(images, brightness, contrast, clip)
+    jittered = colour_jitter(images, brightness, contrast, saturation, hue)
+    return jittered.clamp(clip[0], clip[1])
 
 
 def pretrain_view(
@@ -350,39 +459,78 @@ def pretrain_view(
     config: PretrainAugmentConfig,
     generator: torch.Generator,
     crop: bool = True,
+    views: int = 1,
+    apply: Callable[..., torch.Tensor] = apply_view,
 ) -> torch.Tensor:
-    """One augmented view (B, C, H, W) for contrastive pre-training (docs/augmentation.md).
+    """An augmented view (B, C, H, W) for contrastive pre-training (docs/augmentation.md).
 
     Random crop resized back to (H, W) (bilinear): a square of the shorter side (official) or,
     with ``crop_shape: aspect``, the image's shape (:func:`sample_resized_crop`). Then per-image
     brightness/contrast, saturation/hue if set (RGB, :func:`colour_jitter`), and clipping.
     ``crop=False`` applies the intensity part only, for the local loss, whose two views must
     stay in pixel correspondence.
+
+    :func:`sample_view` then :func:`apply_view` (or ``apply``, the trainer's compiled one).
+    ``views`` > 1 stacks that many views (``views`` x B), drawn one after another and made in
+    one copy of their parameters to the device and one call: the same as stacking single views.
     """
-    batch, _, height, width = images.shape
-    if crop:
-        if config.crop_shape == "square":
-            theta = sample_crop(batch, (height, width), config, generator)
-        else:
-            theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
-        images = warp(images, theta, padding="border")
-    return _view_intensity(images, config, generator)
+    rows = [
+        sample_view(len(images), images.shape[-2:], config, generator, crop) for _ in range(views)
+    ]
+    return _apply_views(images, rows, config, crop, apply)
 
 
 def transformed_view(
-    images: torch.Tensor, config: LocalAugmentConfig, generator: torch.Generator
+    images: torch.Tensor,
+    config: LocalAugmentConfig,
+    generator: torch.Generator,
+    views: int = 1,
+    apply: Callable[..., torch.Tensor] = apply_view,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A view for the local loss with ``loss.views=transformed`` and the transform that made it.
 
     Per image a crop of U(view_crop_fraction) x each side resized back to (H, W), mirrored with
     probability view_flip_prob (:func:`sample_resized_crop`), then the intensity part of
-    :func:`pretrain_view`. Returns the view (B, C, H, W) and ``theta`` (B, 2, 3), which says
-    where each view pixel lies in the original image (``models.heads.view_points``).
+    :func:`pretrain_view`. Returns the view (B, C, H, W) and ``theta`` (B, 2, 3) in float64 on
+    the CPU, which says where each view pixel lies in the original image
+    (``models.heads.view_points``). ``views`` and ``apply`` as for :func:`pretrain_view`.
     """
-    batch = images.shape[0]
-    theta = sample_resized_crop(batch, config.view_crop_fraction, config.view_flip_prob, generator)
-    view = warp(images, theta, padding="border")
-    return _view_intensity(view, config, generator), theta
+    rows = [sample_transformed_view(len(images), config, generator) for _ in range(views)]
+    return _apply_views(images, rows, config, True, apply), view_theta(torch.cat(rows))
+
+
+def _apply_views(
+    images: torch.Tensor,
+    rows: list[torch.Tensor],
+    config: PretrainAugmentConfig,
+    crop: bool,
+    apply: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The views of ``images`` whose parameter rows are ``rows`` (one tensor a view), stacked."""
+    params = to_device(torch.cat(rows), images.device, images.dtype)
+    stacked = images if len(rows) == 1 else images.repeat(len(rows), 1, 1, 1)
+    return apply(stacked, params, tuple(config.clip), crop, colour_enabled(config))
+
+
+def apply_finetune(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    params: torch.Tensor,
+    field: torch.Tensor | None = None,
+    geometry: Literal["affine", "crop"] = "affine",
+    jitter: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, C, H, W) and labels (B, H, W) augmented with the rows and field of
+    :func:`sample_finetune` (whose config gave ``geometry`` and, from :func:`jitter_enabled`,
+    ``jitter``), on their device: one resampling, bilinear for the images and nearest for the
+    labels, then the colour jitter. Reads no value, so it compiles into one graph."""
+    theta = view_theta(params)
+    padding: Literal["zeros", "border"] = "border" if geometry == "crop" else "zeros"
+    images = warp(images, theta, field, padding=padding)
+    labels = warp_labels(labels, theta, field)
+    if jitter:
+        images = colour_jitter(images, *params[:, THETA:].unbind(dim=1))
+    return images, labels
 
 
 def finetune_augment(
@@ -390,6 +538,7 @@ def finetune_augment(
     labels: torch.Tensor,
     config: FinetuneAugmentConfig,
     generator: torch.Generator,
+    apply: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_finetune,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augmentation of (B, C, H, W) images and (B, H, W) labels (docs/augmentation.md;
     supplement 4).
@@ -400,19 +549,14 @@ def finetune_augment(
     resized back (:func:`sample_resized_crop`). Bilinear for images, nearest for labels, so the
     two stay aligned. Then, if any jitter option is set, :func:`colour_jitter` on the images;
     with none set no random number is drawn for it. ``config.enabled`` False returns the inputs.
+    :func:`sample_finetune`, one copy of its rows to the device, then :func:`apply_finetune`
+    (or ``apply``, the trainer's compiled one).
     """
     if not config.enabled:
         return images, labels
     batch, _, height, width = images.shape
     if labels.shape != (batch, height, width):
         raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
-    if config.geometry == "crop":
-        theta = sample_resized_crop(batch, config.crop_fraction, 0.0, generator)
-        images, labels = warp(images, theta, padding="border"), warp_labels(labels, theta)
-    else:
-        theta = sample_affine(batch, (height, width), config, generator)
-        field = sample_elastic_field(batch, (height, width), config, generator, images.device)
-        images, labels = warp(images, theta, field), warp_labels(labels, theta, field)
-    if jitter_enabled(config):
-        images = colour_jitter(images, *sample_colour_jitter(batch, config, generator))
-    return images, labels
+    rows, field = sample_finetune(batch, (height, width), config, generator, images.device)
+    params = to_device(rows, images.device, images.dtype)
+    return apply(images, labels, params, field, config.geometry, jitter_enabled(config))

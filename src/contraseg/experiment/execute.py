@@ -185,10 +185,12 @@ def execute_run(run: Run, out: Path, device: str, speed: Speed | None = None) ->
 
 
 def _network_shapes(run: Run) -> str:
-    """What fixes the tensor shapes a run's compiled graphs are traced for: the stage, the
-    dataset (channels, classes), the image size, the network and the batch."""
+    """What fixes the graphs a run compiles: the stage, the dataset (channels, classes), the
+    image size, the network and the batch, and the loss and augmentation sections (whole,
+    though only some of their options are constants of the graphs)."""
     config = run.config
-    batch = (config.optim.batch_size, getattr(config, "loss", None))
+    sections = (getattr(config, "loss", None), getattr(config, "augment", None))
+    batch = (config.optim.batch_size, sections)
     return repr((run.stage, config.data.dataset, config.data.size, config.model, batch))
 
 

@@ -40,7 +40,13 @@ from contraseg.config import (
     PretrainLocalRun,
     to_dict,
 )
-from contraseg.data.augment import finetune_augment, pretrain_view, transformed_view
+from contraseg.data.augment import (
+    apply_finetune,
+    apply_view,
+    finetune_augment,
+    pretrain_view,
+    transformed_view,
+)
 from contraseg.data.cache import PreparedCase, PreparedDataset
 from contraseg.data.dataset import load_dataset, require_cases
 from contraseg.data.mixup import mixup, sample_mixup
@@ -293,6 +299,7 @@ class GlobalPretrainer(Trainer):
         self.model = nn.ModuleDict({"unet": self.unet, "g1": self.g1}).to(self.device)
         self.net = GlobalNet(self.unet, self.g1)
         self.optimizer = self.adam([*self.unet.encoder.parameters(), *self.g1.parameters()])
+        self.augment_fn = apply_view
         self.loss_fn = functools.partial(global_loss_from_pairs, temperature=loss_cfg.temperature)
         self.pairs: GlobalPairs | None = None  # found at the first iteration (they gather)
         self.chance = math.nan
@@ -304,9 +311,8 @@ class GlobalPretrainer(Trainer):
             self.pairs = global_pairs(*ids, strategy=cfg.loss.strategy, device=self.device)
             self.chance = global_chance_level(*ids, strategy=cfg.loss.strategy)
         images = self.sampler.sample().images
-        views = torch.cat(
-            [pretrain_view(images, cfg.augment, self.augment_generator) for _ in range(2)]
-        )
+        gen, apply = self.augment_generator, self.augment_fn
+        views = pretrain_view(images, cfg.augment, gen, views=2, apply=apply)
         z = all_gather_with_grad(self.net(views))
         return self.loss_fn(z, self.pairs), {"chance": self.chance}
 
@@ -351,6 +357,7 @@ class LocalPretrainer(Trainer):
         decoder = [p for block in self.unet.decoder[:blocks] for p in block.parameters()]
         self.optimizer = self.adam([*decoder, *self.embedder.parameters()])
         self.neg_index = None if local.neg_index is None else local.neg_index.to(self.device)
+        self.augment_fn = apply_view
         self.loss_fn = functools.partial(local_loss_from_pairs, temperature=loss_cfg.temperature)
         self.chance = local.chance
         self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # at the first iteration
@@ -363,18 +370,14 @@ class LocalPretrainer(Trainer):
         if cfg.loss.encoder_bn == "frozen":
             self.unet.encoder.eval()  # batch norm included (see the module docstring)
         images = self.sampler.sample().images
-        gen = self.augment_generator
+        gen, apply = self.augment_generator, self.augment_fn
         if cfg.loss.views == "aligned":
-            views = torch.cat(
-                [pretrain_view(images, cfg.augment, gen, crop=False) for _ in range(2)]
-            )
+            views = pretrain_view(images, cfg.augment, gen, crop=False, views=2, apply=apply)
             regions = all_gather_with_grad(self.net(views))
             return self.loss_fn(regions, *self.pairs, self.neg_index), {"chance": self.chance}
-        (view1, theta1), (view2, theta2) = (
-            transformed_view(images, cfg.augment, gen) for _ in range(2)
-        )
-        points = view_points(self.region_points, torch.cat([theta1, theta2]))
-        regions = all_gather_with_grad(self.net(torch.cat([view1, view2]), points))
+        views, theta = transformed_view(images, cfg.augment, gen, views=2, apply=apply)
+        points = view_points(self.region_points, theta)
+        regions = all_gather_with_grad(self.net(views, points))
         valid = all_gather_rows(points_inside(points, self.fmap_size))
         loss = self.loss_fn(regions, *self.pairs, self.neg_index, valid=valid)
         return loss, {"chance": masked_chance_from_pairs(valid, *self.pairs, self.neg_index)}
@@ -424,6 +427,7 @@ class Finetuner(Trainer):
         self.model = self.unet.to(self.device)
         self.net = self.unet
         self.optimizer = self.adam(self.unet.parameters())
+        self.augment_fn = apply_finetune
         self.loss_fn = segmentation_loss(ft.loss, self.num_classes, check_labels=False)
         self.bundle = self._bundle(prepared)
         self.segmenter = Segmenter([self.unet], [self.bundle], self.device)
@@ -492,7 +496,7 @@ class Finetuner(Trainer):
         batch = self.sampler.sample()
         assert batch.labels is not None  # a labelled pool
         images, labels = finetune_augment(
-            batch.images, batch.labels, self.config.augment, self.augment_generator
+            batch.images, batch.labels, self.config.augment, self.augment_generator, self.augment_fn
         )
         target, ignore = self.targets(labels)
         alpha = self.config.finetune.mixup_alpha

@@ -115,8 +115,9 @@ class Speed:
     is computed, only how fast and to what rounding (docs/training.md, "Speed and several
     GPUs").
 
-    - ``compile``: ``torch.compile`` the stage's network (with CUDA graphs on one GPU); by
-      default on CUDA when at least ``COMPILE_MIN_ITERATIONS`` iterations are left.
+    - ``compile``: ``torch.compile`` the stage's network, with its augmentation and loss (with
+      CUDA graphs on one GPU); by default on CUDA when at least ``COMPILE_MIN_ITERATIONS``
+      iterations are left.
     - ``compile_backend``: torch.compile's backend, a name or a callable ("aot_eager" traces
       without generating code, which is how the CPU tests check that the networks compile).
     - ``autocast``: bf16 autocast of the forward pass (default on CUDA).
@@ -252,12 +253,15 @@ class Trainer:
     A stage's :meth:`setup` may also set ``self.net``, the module whose forward turns images
     into what the loss takes (embeddings, logits) and holds every trained parameter: that is
     the module data parallelism wraps and ``torch.compile`` compiles. Its parameters that never
-    get a gradient must have ``requires_grad`` False. With it, ``self.loss_fn``, the pure
-    function that turns the network's output into the loss, is compiled alongside it.
+    get a gradient must have ``requires_grad`` False. With it, two pure functions are compiled
+    alongside it: ``self.augment_fn``, which applies a batch's augmentation parameters (drawn
+    on the host, ``contraseg.data.augment``) to its images, and ``self.loss_fn``, which turns
+    the network's output into the loss.
     """
 
     stage = "train"
     net: nn.Module | None = None
+    augment_fn: Callable[..., Any] | None = None
     loss_fn: Callable[..., Tensor] | None = None
 
     def __init__(
@@ -488,11 +492,12 @@ class Trainer:
             self.cuda_graphs = cuda and self.world_size == 1
             mode = "reduce-overhead" if self.cuda_graphs else None
             net = torch.compile(net, backend=self.speed.compile_backend, mode=mode)
-            if self.loss_fn is not None:
-                # the loss is a few dozen small kernels: one launch with the network's
-                self.loss_fn = torch.compile(
-                    self.loss_fn, backend=self.speed.compile_backend, mode=mode
-                )
+            # augmentation and loss are a few dozen small kernels each: one launch each
+            backend = self.speed.compile_backend
+            for name in ("augment_fn", "loss_fn"):
+                function = getattr(self, name)
+                if function is not None:
+                    setattr(self, name, torch.compile(function, backend=backend, mode=mode))
         self.net = net
 
     def _clear_run(self) -> None:
