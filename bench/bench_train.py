@@ -93,6 +93,8 @@ VARIANTS = {
     "fp32": Speed(compile=False, autocast=False),
     "no-channels-last": Speed(compile=False, channels_last=False),
     "no-fused-adam": Speed(compile=False, fused_adam=False),
+    # the slices gathered on the host (the next batch in a background thread), not resident
+    "host-pool": Speed(pool_budget=0),
 }
 
 STEP_COLUMNS = [

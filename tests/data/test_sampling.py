@@ -4,6 +4,8 @@ state; ranks that share one draw."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,41 @@ def test_a_pool_over_its_budget_gives_the_same_batches_from_the_host() -> None:
     for a, b in zip(_samplers(resident, 5), _samplers(on_host, 5), strict=True):
         for _ in range(3):
             _same_batch(a.sample(), b.sample())
+
+
+def test_a_pool_on_the_host_gathers_each_next_batch_in_the_background(monkeypatch) -> None:
+    """After the first batch, each batch of a host pool was gathered by the background thread
+    while the one before was in use; the sampling generator is never ahead of the batches
+    handed out (a checkpoint saves it)."""
+    threads: list[tuple[SlicePool, str]] = []
+    gather = SlicePool._gather_on_host
+
+    def recording(self, vol, sl):
+        threads.append((self, threading.current_thread().name))
+        return gather(self, vol, sl)
+
+    monkeypatch.setattr(SlicePool, "_gather_on_host", recording)
+    for index in range(2):
+        resident, on_host = _pool([7, 9, 6, 8], labels=True), _pool([7, 9, 6, 8], True, budget=0)
+        a, b = _samplers(resident, 5)[index], _samplers(on_host, 5)[index]
+        for _ in range(4):
+            _same_batch(a.sample(), b.sample())
+            assert torch.equal(a.generator.get_state(), b.generator.get_state())
+        names = [name for pool, name in threads if pool is on_host]
+        assert len(names) in (4, 5)  # the fifth batch's gather may not have begun
+        assert names[0] == threading.main_thread().name
+        assert all(name.startswith("contraseg-gather") for name in names[1:])
+
+
+def test_a_batch_other_than_the_prefetched_one_is_gathered_right() -> None:
+    """Should anything draw from the sampling generator between two batches, the slices
+    gathered ahead are not the ones asked for: they are dropped and the right ones gathered."""
+    resident, on_host = _pool([7, 9, 6, 8], labels=True), _pool([7, 9, 6, 8], True, budget=0)
+    for a, b in zip(_samplers(resident, 6), _samplers(on_host, 6), strict=True):
+        _same_batch(a.sample(), b.sample())
+        for sampler in (a, b):
+            torch.rand(3, generator=sampler.generator)
+        _same_batch(a.sample(), b.sample())
 
 
 def test_a_sampler_resumes_from_its_generator_state() -> None:

@@ -10,6 +10,7 @@ import torch
 
 from contraseg.cli import main
 from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun
+from contraseg.data.sampling import SlicePool
 from contraseg.errors import InputError, TrainingError
 from contraseg.training import stages
 from contraseg.training.checkpoint import load_checkpoint, load_weights
@@ -160,6 +161,33 @@ def test_resume_after_interruption_gives_the_same_weights(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert _metrics(resumed) == _metrics(straight)
+
+
+def test_a_pool_on_the_host_trains_and_resumes_as_a_resident_one(
+    tiny_config, tmp_path, monkeypatch
+):
+    """A labelled pool over its memory budget (gathered on the host, the next batch ahead in a
+    background thread) trains bit for bit as a resident one, interrupted and resumed too."""
+    config = tiny_config(
+        FinetuneRun, "optim.iterations=6", "optim.checkpoint_every=2", *RESUMABLE["finetune"][3]
+    )
+    straight = run_finetune(config, tmp_path / "straight", device="cpu")
+    prefetched = []
+    prefetch = SlicePool.prefetch
+    monkeypatch.setattr(
+        SlicePool, "prefetch", lambda pool, *draw: prefetched.append(1) or prefetch(pool, *draw)
+    )
+    on_host = Speed(pool_budget=0)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, Finetuner, 5)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(config, tmp_path / "resumed", device="cpu", speed=on_host)
+    resumed = run_finetune(config, tmp_path / "resumed", device="cpu", speed=on_host)
+    assert len(prefetched) >= 6
+    a = load_weights(straight / "weights.safetensors")
+    b = load_weights(resumed / "weights.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
     assert _metrics(resumed) == _metrics(straight)
 
 

@@ -11,7 +11,9 @@ Where the data lives: a :class:`SlicePool` holds every slice of the sampled volu
 tensor on the training device (ACDC's pre-training pool is about 150 MB at 192 x 192), so that
 a batch is one gather by index there. A pool larger than its memory budget stays in the
 memory-mapped cache files and each batch is gathered on the host into pinned memory and copied
-asynchronously.
+asynchronously; the next batch's slices are gathered in a background thread while the current
+one trains (its indices drawn ahead from a copy of the generator, so the generator itself, and
+what a checkpoint saves of it, is never ahead of the batches handed out).
 
 Randomness: the indices are drawn on the CPU from the caller's ``torch.Generator`` (the run's
 sampling generator, saved in every checkpoint), so that a seed draws the same slices on any
@@ -27,7 +29,8 @@ the partition sampler gives each rank distinct volumes (:func:`rank_volumes`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,6 +46,10 @@ from contraseg.errors import InputError
 POOL_BUDGET_FRACTION = 0.25
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
+Draw = tuple[Tensor, Tensor, Tensor]  # volume, partition and slice ids of a batch (CPU int64)
+
+# The one thread that gathers host-resident pools' next batches (see SlicePool.prefetch).
+_GATHERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contraseg-gather")
 
 
 def partition_bounds(n_slices: int, partitions: int) -> np.ndarray:
@@ -79,7 +86,8 @@ class SlicePool:
     flattened in volume order, ready to be gathered by index on ``device``.
 
     ``resident`` tells whether the slices were copied to the device (when they fit
-    ``budget`` bytes, by default :func:`default_budget`) or are gathered on the host per batch.
+    ``budget`` bytes, by default :func:`default_budget`) or are gathered on the host per batch,
+    the next one in the background (:meth:`prefetch`).
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class SlicePool:
         self.resident = per_slice * len(self) <= limit
         self._images: Tensor | None = None
         self._labels: Tensor | None = None
+        self._ahead: tuple[Tensor, Future[tuple[Tensor, Tensor | None]]] | None = None
         if self.resident:
             stack = np.concatenate([np.asarray(v, np.float32) for v in volumes])
             self._images = torch.from_numpy(stack).to(self.device)
@@ -135,12 +144,32 @@ class SlicePool:
             images = self._images.index_select(0, ids[0])
             labels = None if self._labels is None else self._labels.index_select(0, ids[0])
         else:
-            images, labels = self._gather_on_host(vol, sl)
+            images, labels = self._from_host(flat, vol, sl)
         return SliceBatch(images, ids[1], ids[2], ids[3], None if labels is None else labels.long())
 
+    def prefetch(self, vol: Tensor, part: Tensor, sl: Tensor) -> None:
+        """Start gathering, in a background thread, the slices that the next :meth:`batch` will
+        ask for (nothing for a resident pool). A :meth:`batch` for other slices gathers its
+        own and drops these."""
+        if self.resident:
+            return
+        flat = self.starts[vol] + sl
+        self._ahead = (flat, _GATHERER.submit(self._gather_on_host, vol, sl))
+
+    def _from_host(self, flat: Tensor, vol: Tensor, sl: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The slices on the device, copied without waiting for it from the host memory they
+        were gathered into (by :meth:`prefetch` when it guessed these slices)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and torch.equal(ahead[0], flat):
+            images, labels = ahead[1].result()
+        else:
+            images, labels = self._gather_on_host(vol, sl)
+        pinned = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=pinned)
+        return images, None if labels is None else labels.to(self.device, non_blocking=pinned)
+
     def _gather_on_host(self, vol: Tensor, sl: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Slices read from the cache files into (pinned, for a GPU) host memory, then copied
-        without waiting for the device."""
+        """Slices read from the cache files into (pinned, for a GPU) host memory."""
         pin = self.device.type == "cuda"
         images = torch.empty((len(vol), *self.slice_shape), pin_memory=pin)
         labels = None
@@ -153,8 +182,21 @@ class SlicePool:
             image_rows[i] = self.volumes[v][z]
             if label_rows is not None and self.labels is not None:
                 label_rows[i] = self.labels[v][z]
-        images = images.to(self.device, non_blocking=pin)
-        return images, None if labels is None else labels.to(self.device, non_blocking=pin)
+        return images, labels
+
+
+def _sample(
+    pool: SlicePool, draw: Callable[[torch.Generator], Draw], generator: torch.Generator
+) -> SliceBatch:
+    """The batch of ``draw`` from ``generator``; for a pool on the host, also the prefetch of
+    the next batch, drawn from a copy of the generator so that ``generator`` stays where the
+    batches handed out leave it (a checkpoint saves it; a resumed run draws on from there)."""
+    batch = pool.batch(*draw(generator))
+    if not pool.resident:
+        ahead = torch.Generator()
+        ahead.set_state(generator.get_state())
+        pool.prefetch(*draw(ahead))
+    return batch
 
 
 def _check_share(batch: int, rank: int, world_size: int) -> None:
@@ -211,7 +253,10 @@ class PartitionSampler:
         return volumes.repeat_interleave(s), torch.arange(s).repeat(m)
 
     def sample(self) -> SliceBatch:
-        m, s, g = self.volumes_per_batch, self.partitions, self.generator
+        return _sample(self.pool, self._draw, self.generator)
+
+    def _draw(self, g: torch.Generator) -> Draw:
+        m, s = self.volumes_per_batch, self.partitions
         draw = torch.randperm(len(self.pool.volumes), generator=g)[: self.world_size * m]
         # one uniform per slot of the whole batch, so every rank's stream stays the same
         u = torch.rand(self.world_size * m * s, generator=g, dtype=torch.float64)
@@ -219,7 +264,7 @@ class PartitionSampler:
         part = torch.arange(s).repeat(m)
         u = u[self.rank * m * s : (self.rank + 1) * m * s]
         sl = self._lo[vol, part] + (u * self._width[vol, part]).long()
-        return self.pool.batch(vol, part, sl)
+        return vol, part, sl
 
 
 class RandomSliceSampler:
@@ -253,10 +298,13 @@ class RandomSliceSampler:
         self._part = torch.clamp(self._slice // width, max=partitions - 1)
 
     def sample(self) -> SliceBatch:
+        return _sample(self.pool, self._draw, self.generator)
+
+    def _draw(self, generator: torch.Generator) -> Draw:
         b = self.batch_size
-        idx = torch.randint(len(self.pool), (self.world_size * b,), generator=self.generator)
+        idx = torch.randint(len(self.pool), (self.world_size * b,), generator=generator)
         idx = idx[self.rank * b : (self.rank + 1) * b]
-        return self.pool.batch(self._vol[idx], self._part[idx], self._slice[idx])
+        return self._vol[idx], self._part[idx], self._slice[idx]
 
 
 def rank_volumes(draw: ArrayT, rank: int, world_size: int) -> ArrayT:
