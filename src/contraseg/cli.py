@@ -44,6 +44,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         help="start over instead of resuming from the last checkpoint",
     )
     _add_no_compile(parser)
+    parser.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="under torchrun on GPUs: batch norm over every rank's images (default: its own)",
+    )
 
 
 def _add_no_compile(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +101,7 @@ def _run_stage(args: argparse.Namespace, stage: str) -> None:
         "pretrain-pretext": pretext.run_pretrain_pretext,
         "finetune": stages.run_finetune,
     }[stage]
-    speed = Speed(compile=False) if args.no_compile else None
+    speed = Speed(compile=False if args.no_compile else None, sync_batchnorm=args.sync_batchnorm)
     try:
         runner(config, out, device=args.device, fresh=args.fresh, speed=speed)
     finally:

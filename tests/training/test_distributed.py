@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from contraseg import config as config_module
 from contraseg import fileio
 from contraseg.config import FinetuneRun, PretrainGlobalRun
-from contraseg.errors import InputError
+from contraseg.errors import InputError, TrainingError
+from contraseg.models.unet import UNet
 from contraseg.training import stages
 from contraseg.training import trainer as trainer_module
 from contraseg.training.checkpoint import load_checkpoint, load_weights
@@ -33,7 +34,7 @@ from contraseg.training.distributed import (
     torchrun_env,
 )
 from contraseg.training.stages import Finetuner, GlobalPretrainer
-from contraseg.training.trainer import RunLock, Trainer
+from contraseg.training.trainer import RunLock, Trainer, synchronised_batchnorm
 
 WORLD = 2
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -80,6 +81,23 @@ def test_without_torchrun_everything_is_a_no_op(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 1, reason="needs fewer than 2 GPUs")
+def test_synchronised_batchnorm_keeps_every_tensor_the_run_holds():
+    """--sync-batchnorm swaps the layers, not their tensors: the optimizer built before, the
+    checkpoints and the weights files hold the same parameters and statistics. Only converted
+    here (SyncBatchNorm runs on GPUs); CPU ranks are refused with one line."""
+    unet = UNet(widths=(4, 8, 8, 8, 8, 8))
+    tensors = unet.state_dict(keep_vars=True)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in unet.modules())
+    net = synchronised_batchnorm(unet, torch.device("cuda"))
+    assert norms > 0 and sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == norms
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in net.modules())
+    converted = net.state_dict(keep_vars=True)
+    assert converted.keys() == tensors.keys()
+    assert all(converted[key] is tensors[key] for key in tensors)
+    with pytest.raises(TrainingError, match=r"^--sync-batchnorm needs GPU ranks"):
+        synchronised_batchnorm(UNet(widths=(4, 8, 8, 8, 8, 8)), torch.device("cpu"))
+
+
 def test_more_ranks_than_gpus_is_an_input_error(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")

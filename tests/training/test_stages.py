@@ -310,7 +310,7 @@ def test_speed_defaults_follow_the_device(tiny_config, tmp_path):
     assert not compile_by_default(cpu, 10**6)
 
 
-def test_no_compile_reaches_the_stage(tmp_path, monkeypatch):
+def test_speed_flags_reach_the_stage(tmp_path, monkeypatch):
     seen = {}
 
     def run(config, out, device, fresh, speed):
@@ -319,8 +319,10 @@ def test_no_compile_reaches_the_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "run_finetune", run)
     main(["finetune", "--out", str(tmp_path / "a"), "--no-compile"])
     assert seen["speed"] == Speed(compile=False)
-    main(["finetune", "--out", str(tmp_path / "b")])
-    assert seen["speed"] is None
+    main(["finetune", "--out", str(tmp_path / "b"), "--sync-batchnorm"])
+    assert seen["speed"] == Speed(sync_batchnorm=True)
+    main(["finetune", "--out", str(tmp_path / "c")])
+    assert seen["speed"] == Speed()
 
 
 SPEED_STAGES = {

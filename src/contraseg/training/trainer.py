@@ -127,6 +127,8 @@ class Speed:
       ten operators per parameter tensor by one call per step, BENCHMARKS.md).
     - ``pool_budget``: bytes the device-resident slice pool may take (default
       ``contraseg.data.sampling.default_budget``); a larger pool is gathered on the host.
+    - ``sync_batchnorm``: with several ranks, batch norm over every rank's images
+      (``SyncBatchNorm``, GPU ranks only); by default each rank normalises its own.
     """
 
     compile: bool | None = None
@@ -135,12 +137,25 @@ class Speed:
     channels_last: bool | None = None
     fused_adam: bool | None = None
     pool_budget: int | None = None
+    sync_batchnorm: bool = False
 
 
 def compile_by_default(device: torch.device, iterations_left: int) -> bool:
     """Whether a run compiles its network when :class:`Speed` leaves it open: on CUDA, when
     enough iterations are left to repay the compilation."""
     return device.type == "cuda" and iterations_left >= COMPILE_MIN_ITERATIONS
+
+
+def synchronised_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """``net`` with its batch norm layers replaced, in place, by ``SyncBatchNorm`` layers that
+    hold the same parameter and statistic tensors: the optimizer, the checkpoints and the
+    weights files stay as they are. PyTorch synchronises batch norm on GPUs only."""
+    if device.type != "cuda":
+        raise TrainingError(
+            "--sync-batchnorm needs GPU ranks (PyTorch's SyncBatchNorm does not run on the CPU); "
+            "drop it to train with each rank's own batch statistics"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -483,6 +498,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if self.world_size > 1:
             self._unwrapped = net
+            if self.speed.sync_batchnorm:
+                net = synchronised_batchnorm(net, self.device)
             net = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
         left = self.config.optim.iterations - self.iteration
         choice = self.speed.compile
