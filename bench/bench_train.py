@@ -48,7 +48,7 @@ from contraseg.config import FinetuneRun, PretrainGlobalRun, PretrainLocalRun, l
 from contraseg.data.phantom import write_phantom_dataset
 from contraseg.training.checkpoint import save_weights
 from contraseg.training.stages import Finetuner, GlobalPretrainer, LocalPretrainer
-from contraseg.training.trainer import Speed, Trainer, compile_by_default
+from contraseg.training.trainer import Speed, Trainer, compile_by_default, cudnn_benchmark
 
 SIZES = {
     "paper": {
@@ -95,6 +95,7 @@ VARIANTS = {
     "no-fused-adam": Speed(compile=False, fused_adam=False),
     # the slices gathered on the host (the next batch in a background thread), not resident
     "host-pool": Speed(pool_budget=0),
+    "cudnn-benchmark": Speed(cudnn_benchmark=True),
 }
 
 STEP_COLUMNS = [
@@ -248,10 +249,11 @@ def network_step(trainer: Trainer, images: torch.Tensor) -> None:
     trainer.model.train()
     if isinstance(trainer, LocalPretrainer):
         trainer.unet.encoder.eval()
-    with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
-        out = trainer.net(images).float().mean()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    out.backward()
+    with cudnn_benchmark(trainer.speed.cudnn_benchmark):
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+            out = trainer.net(images).float().mean()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        out.backward()
     trainer.optimizer.step()
 
 

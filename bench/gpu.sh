@@ -12,8 +12,8 @@
 #             host against device time, kernels per step, the busiest kernels;
 #   demo      the full demo, timed;
 #   overhead  the fixed per-iteration overhead at 32 x 32;
-#   options   each speed option switched off on its own, and the pool left on the host
-#             (steps only);
+#   options   each speed option switched off on its own, the pool left on the host and
+#             cuDNN's benchmark mode switched on (steps only);
 #   kernels   the loss and augmentation benchmarks.
 #
 # Each step writes its rows to BENCHMARKS.md as it measures them (this machine's rows are
@@ -122,8 +122,9 @@ step profile 120 "$PYTHON" bench/bench_profile.py --device cuda --size paper \
 step demo 120 "$PYTHON" bench/bench_demo.py --device cuda --write
 step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
     --variants no-compile --write
-step options 110 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
-    --variants fp32 no-channels-last no-fused-adam host-pool --rounds 2 --steps 20 --write
+step options 130 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
+    --variants fp32 no-channels-last no-fused-adam host-pool cudnn-benchmark --rounds 2 \
+    --steps 20 --write
 step kernels 90 bash -c "'$PYTHON' bench/bench_losses.py --device cuda --repeats 10 &&
     '$PYTHON' bench/bench_augment.py --device cuda --repeats 5"
 

@@ -372,6 +372,27 @@ def test_a_later_run_of_the_same_shapes_compiles_nothing_new(tiny_config, tmp_pa
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_cudnn_benchmark_mode_holds_inside_training_steps_only(
+    on, stage_runs, tiny_config, tmp_path, monkeypatch
+):
+    """Speed.cudnn_benchmark: on while a step computes its loss and gradients, as before
+    outside it (validation's shapes vary with the volumes)."""
+    speed = Speed(compile=False, cudnn_benchmark=on)
+    trainer = built_trainer("finetune", stage_runs, tiny_config, tmp_path, "cpu", speed)
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording(iteration):
+        seen.append(torch.backends.cudnn.benchmark)
+        return compute_loss(iteration)
+
+    monkeypatch.setattr(trainer, "compute_loss", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    trainer.train_step(1)
+    assert seen == [on] and torch.backends.cudnn.benchmark is False
+
+
 def test_a_compiler_failure_says_how_to_train_without_it(tiny_config, tmp_path):
     def failing_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")

@@ -129,6 +129,9 @@ class Speed:
       ``contraseg.data.sampling.default_budget``); a larger pool is gathered on the host.
     - ``sync_batchnorm``: with several ranks, batch norm over every rank's images
       (``SyncBatchNorm``, GPU ranks only); by default each rank normalises its own.
+    - ``cudnn_benchmark``: let cuDNN time its convolution algorithms for the training step's
+      shapes (``torch.backends.cudnn.benchmark``, during training steps only: validation's
+      shapes vary with the volumes). Off until ``bench/gpu.sh`` shows that it wins.
     """
 
     compile: bool | None = None
@@ -138,12 +141,25 @@ class Speed:
     fused_adam: bool | None = None
     pool_budget: int | None = None
     sync_batchnorm: bool = False
+    cudnn_benchmark: bool = False
 
 
 def compile_by_default(device: torch.device, iterations_left: int) -> bool:
     """Whether a run compiles its network when :class:`Speed` leaves it open: on CUDA, when
     enough iterations are left to repay the compilation."""
     return device.type == "cuda" and iterations_left >= COMPILE_MIN_ITERATIONS
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on inside when ``on`` (else as it was), restored
+    after: a training step's forward and backward run under it (:class:`Speed`)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def synchronised_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
@@ -541,10 +557,11 @@ class Trainer:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, stats = self.compute_loss(iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with cudnn_benchmark(self.speed.cudnn_benchmark):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss, stats = self.compute_loss(iteration)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         if self.cuda_graphs:  # a compiled loss lives in the graph's memory, reused next step
             loss = loss.detach().clone()
