@@ -19,7 +19,7 @@
 # Each step writes its rows to BENCHMARKS.md as it measures them (this machine's rows are
 # replaced); commit them. A failing step does not stop the others; the summary at the end names
 # it and the exit status is 1. GPU_BUDGET=SECONDS caps the whole script (default 470: under 8
-# minutes; every step's own limit adds up to 950): each step gets at most its own limit and what
+# minutes; every step's own limit adds up to 990): each step gets at most its own limit and what
 # is left, and a step that would get under 20 s is skipped, so the last steps are the first to
 # go. Name the steps to run only those.
 #
