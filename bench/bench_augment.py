@@ -39,12 +39,14 @@ def time_transform(
     model: UNet,
     device: torch.device,
     repeats: int,
+    size: int,
+    backend: str,
 ) -> list[str]:
     """One row; ``transform(images, labels, apply)`` augments with ``apply`` (None: eager)."""
-    images = torch.rand(batch, 1, 192, 192, device=device)
-    labels = torch.randint(0, 4, (batch, 192, 192), device=device)
+    images = torch.rand(batch, 1, size, size, device=device)
+    labels = torch.randint(0, 4, (batch, size, size), device=device)
     cuda = device.type == "cuda"
-    compiled = torch.compile(applier, mode="reduce-overhead" if cuda else None)
+    compiled = torch.compile(applier, backend=backend, mode="reduce-overhead" if cuda else None)
 
     def compiled_call() -> object:
         if cuda:
@@ -71,7 +73,11 @@ def time_transform(
     ]  # fmt: skip
 
 
-def run(device: torch.device, repeats: int) -> list[list[str]]:
+def run(
+    device: torch.device, repeats: int, size: int = 192, backend: str = "inductor"
+) -> list[list[str]]:
+    """The rows at ``size`` x ``size`` (the table's are at 192), compiling with ``backend``
+    (the tests' "aot_eager" only traces)."""
     generator = torch.Generator().manual_seed(0)
     model = UNet().to(device).train()
     finetune_cfg, pretrain_cfg = FinetuneAugmentConfig(), PretrainAugmentConfig()
@@ -86,6 +92,8 @@ def run(device: torch.device, repeats: int) -> list[list[str]]:
             model,
             device,
             repeats,
+            size,
+            backend,
         ),
         time_transform(
             "pretrain_view (crop + intensity)",
@@ -97,6 +105,8 @@ def run(device: torch.device, repeats: int) -> list[list[str]]:
             model,
             device,
             repeats,
+            size,
+            backend,
         ),
     ]
 
