@@ -16,7 +16,9 @@ BENCH = ROOT / "bench"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(BENCH)])}
+    # kept: a GPU machine's PYTHONPATH may hold the wheels gpu.sh installed (nibabel, MONAI)
+    paths = [str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     return subprocess.run(
         args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
