@@ -29,8 +29,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests bench
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/bench_losses.py
-	$(BIN)/python bench/bench_augment.py
+	$(BIN)/python bench/bench_losses.py --write
+	$(BIN)/python bench/bench_augment.py --write
 
 # On a machine with a CUDA GPU and PyTorch: the GPU checks and benchmarks (bench/gpu.sh).
 bench-gpu:

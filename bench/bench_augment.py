@@ -8,7 +8,8 @@ UNet on that batch, so that the cost of augmentation can be read as a fraction o
 **compiled** column is the batch call as a compiled run makes it: parameters drawn on the host
 and copied in one transfer, the applier compiled (with CUDA graphs on a GPU).
 
-Run: ``.venv/bin/python bench/bench_augment.py`` (``--device cuda`` on a GPU).
+Run: ``.venv/bin/python bench/bench_augment.py`` (``--device cuda`` on a GPU; ``--write``
+updates BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -116,11 +117,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(torch.device(args.device), args.repeats)
     for row in rows:
         print("  ".join(row))
+    if not args.write:
+        return
     write_section(
         "bench_augment",
         "Batch augmentation (`bench/bench_augment.py`)",

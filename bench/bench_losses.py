@@ -7,8 +7,9 @@ the same process, and reports their ratio (target >= 20x). It also times one for
 of the UNet at 192 x 192 with the same batch and reports the loss as a fraction of it (target
 < 5%). The local timings include region extraction, which is part of the loss's cost.
 
-Run: ``.venv/bin/python bench/bench_losses.py`` (CPU; ``--device cuda`` on a GPU). The rows for
-this machine, torch version and device are replaced in BENCHMARKS.md, other rows are kept.
+Run: ``.venv/bin/python bench/bench_losses.py`` (CPU; ``--device cuda`` on a GPU). With
+``--write`` the rows for this machine, torch version and device are replaced in BENCHMARKS.md,
+other rows are kept.
 """
 
 from __future__ import annotations
@@ -161,14 +162,16 @@ def main() -> None:
         help="CPU threads for every timing (default 1: on a shared machine OpenMP threads spin "
         "waiting for each other and make small ops 100x slower at random)",
     )
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = run(torch.device(args.device), args.repeats)
     for row in rows:
         print("  ".join(row))
-    write(rows)
-    print(f"wrote {BENCHMARKS}")
+    if args.write:
+        write(rows)
+        print(f"wrote {BENCHMARKS}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ write), is timed against ``network(slices)`` alone on the preprocessed slices, i
 the target is a ratio of at most 1.25 (docs/inference.md). With ``--profile`` the whole call is
 also broken down by step with cProfile.
 
-Run: ``.venv/bin/python bench/bench_predict.py`` (``--device cuda`` on a GPU).
+Run: ``.venv/bin/python bench/bench_predict.py`` (``--device cuda`` on a GPU; ``--write``
+updates BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown")
-    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +129,7 @@ def main() -> None:
         datetime.date.today().isoformat(),
     ]
     print(" | ".join(row))
-    if not args.no_write:
+    if args.write:
         write_section(
             "bench_predict",
             "Prediction (`bench/bench_predict.py`)",

@@ -125,8 +125,8 @@ step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
 step options 130 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants fp32 no-channels-last no-fused-adam host-pool cudnn-benchmark --rounds 2 \
     --steps 20 --write
-step kernels 90 bash -c "'$PYTHON' bench/bench_losses.py --device cuda --repeats 10 &&
-    '$PYTHON' bench/bench_augment.py --device cuda --repeats 5"
+step kernels 90 bash -c "'$PYTHON' bench/bench_losses.py --device cuda --repeats 10 --write &&
+    '$PYTHON' bench/bench_augment.py --device cuda --repeats 5 --write"
 
 echo "== bench/gpu.sh: done after $((SECONDS - START)) s; commit the new rows of BENCHMARKS.md"
 printf '   %s\n' "${summary[@]}"

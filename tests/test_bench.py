@@ -33,7 +33,9 @@ def _rows(output: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_the_step_benchmarks_run_every_eager_variant() -> None:
     """bench_train (the per-step comparison and a timed run) and bench_profile, as gpu.sh
-    calls them but tiny and on the CPU; the compiled variants need a C++ compiler here."""
+    calls them but tiny and on the CPU (the compiled variants would need a C++ compiler);
+    without ``--write`` they leave BENCHMARKS.md alone."""
+    before = (ROOT / "BENCHMARKS.md").read_text()
     variants = [
         "default", "no-compile", "fp32", "no-channels-last", "no-fused-adam", "host-pool",
         "cudnn-benchmark",
@@ -55,6 +57,7 @@ def test_the_step_benchmarks_run_every_eager_variant() -> None:
     )  # fmt: skip
     assert profile.returncode == 0, profile.stderr[-2000:]
     assert tuple(row[0] for row in _rows(profile.stdout)) == stages
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
 
 
 def test_the_augmentation_benchmark_times_the_compiled_appliers(monkeypatch) -> None:
