@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from contraseg import config as config_module
 from contraseg import fileio
 from contraseg.config import FinetuneRun, PretrainGlobalRun
-from contraseg.errors import InputError, TrainingError
+from contraseg.errors import InputError
 from contraseg.models.unet import UNet
 from contraseg.training import stages
 from contraseg.training import trainer as trainer_module
@@ -34,7 +34,7 @@ from contraseg.training.distributed import (
     torchrun_env,
 )
 from contraseg.training.stages import Finetuner, GlobalPretrainer
-from contraseg.training.trainer import RunLock, Trainer, synchronised_batchnorm
+from contraseg.training.trainer import RunLock, Speed, Trainer, synchronised_batchnorm
 
 WORLD = 2
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -84,7 +84,8 @@ def test_without_torchrun_everything_is_a_no_op(monkeypatch):
 def test_synchronised_batchnorm_keeps_every_tensor_the_run_holds():
     """--sync-batchnorm swaps the layers, not their tensors: the optimizer built before, the
     checkpoints and the weights files hold the same parameters and statistics. Only converted
-    here (SyncBatchNorm runs on GPUs); CPU ranks are refused with one line."""
+    here (SyncBatchNorm runs on GPUs); CPU ranks are refused with one line, before the run
+    writes anything (Trainer checks it when it is built)."""
     unet = UNet(widths=(4, 8, 8, 8, 8, 8))
     tensors = unet.state_dict(keep_vars=True)
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in unet.modules())
@@ -94,8 +95,19 @@ def test_synchronised_batchnorm_keeps_every_tensor_the_run_holds():
     converted = net.state_dict(keep_vars=True)
     assert converted.keys() == tensors.keys()
     assert all(converted[key] is tensors[key] for key in tensors)
-    with pytest.raises(TrainingError, match=r"^--sync-batchnorm needs GPU ranks"):
+    with pytest.raises(InputError, match=r"--sync-batchnorm needs GPU ranks"):
         synchronised_batchnorm(UNet(widths=(4, 8, 8, 8, 8, 8)), torch.device("cpu"))
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_refused_before_anything_is_written(
+    tiny_config, tmp_path, monkeypatch
+):
+    two_ranks = (DistributedInfo(rank=0, local_rank=0, world_size=2), torch.device("cpu"))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: two_ranks)
+    config = tiny_config(PretrainGlobalRun, "optim.iterations=2")
+    with pytest.raises(InputError, match="--sync-batchnorm needs GPU ranks"):
+        GlobalPretrainer(config, tmp_path / "run", "cpu", Speed(sync_batchnorm=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_more_ranks_than_gpus_is_an_input_error(monkeypatch):

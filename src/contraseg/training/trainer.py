@@ -165,13 +165,19 @@ def cudnn_benchmark(on: bool) -> Iterator[None]:
 def synchronised_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
     """``net`` with its batch norm layers replaced, in place, by ``SyncBatchNorm`` layers that
     hold the same parameter and statistic tensors: the optimizer, the checkpoints and the
-    weights files stay as they are. PyTorch synchronises batch norm on GPUs only."""
-    if device.type != "cuda":
-        raise TrainingError(
-            "--sync-batchnorm needs GPU ranks (PyTorch's SyncBatchNorm does not run on the CPU); "
-            "drop it to train with each rank's own batch statistics"
-        )
+    weights files stay as they are."""
+    _require_gpu_ranks(device)
     return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
+def _require_gpu_ranks(device: torch.device) -> None:
+    """PyTorch synchronises batch norm on GPUs only."""
+    if device.type != "cuda":
+        raise InputError(
+            None,
+            "--sync-batchnorm needs GPU ranks (PyTorch's SyncBatchNorm does not run on the "
+            "CPU); drop it to train with each rank's own batch statistics",
+        )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -303,6 +309,8 @@ class Trainer:
         info, self.device = init_distributed(resolve_device(device))
         self.rank, self.world_size, self.is_main = info.rank, info.world_size, info.is_main
         self.speed = speed or Speed()
+        if self.speed.sync_batchnorm and self.world_size > 1:
+            _require_gpu_ranks(self.device)  # before anything is written
         cuda = self.device.type == "cuda"
         self.autocast = cuda if self.speed.autocast is None else self.speed.autocast
         self.channels_last = self.speed.channels_last is not False
