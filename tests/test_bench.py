@@ -60,6 +60,15 @@ def test_the_step_benchmarks_run_every_eager_variant() -> None:
     assert (ROOT / "BENCHMARKS.md").read_text() == before
 
 
+def test_the_prediction_benchmark_runs() -> None:
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    predict = _run(sys.executable, "bench/bench_predict.py", "--device", "cpu", "--repeats", "1")
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    [row] = _rows(predict.stdout)
+    assert row[1] == "10 x 192 x 192" and float(row[4]) > 0  # whole / network
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
+
+
 def test_the_augmentation_benchmark_times_the_compiled_appliers(monkeypatch) -> None:
     """bench_augment's rows, its compiled column included (traced, not code-generated)."""
     monkeypatch.syspath_prepend(str(BENCH))
