@@ -4,6 +4,7 @@ state; ranks that share one draw."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import numpy as np
@@ -229,6 +230,28 @@ def test_a_batch_other_than_the_prefetched_one_is_gathered_right() -> None:
         for sampler in (a, b):
             torch.rand(3, generator=sampler.generator)
         _same_batch(a.sample(), b.sample())
+
+
+def _sample_three(sampler) -> None:
+    for _ in range(3):
+        sampler.sample()
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform"
+)
+def test_a_forked_child_gathers_ahead_with_a_thread_of_its_own() -> None:
+    """A process forked after a host pool started its gathering thread has no such thread:
+    waiting on the parent's would never end, so the child starts its own."""
+    sampler = _samplers(_pool([7, 9, 6, 8], True, budget=0), 5)[1]
+    sampler.sample()  # the gathering thread runs, and holds the next batch
+    child = multiprocessing.get_context("fork").Process(target=_sample_three, args=(sampler,))
+    child.start()
+    child.join(timeout=30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
 
 
 def test_a_sampler_resumes_from_its_generator_state() -> None:

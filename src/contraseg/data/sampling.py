@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,10 +46,29 @@ from contraseg.errors import InputError
 POOL_BUDGET_FRACTION = 0.25
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
+_T = TypeVar("_T")
 Draw = tuple[Tensor, Tensor, Tensor]  # volume, partition and slice ids of a batch (CPU int64)
 
-# The one thread that gathers host-resident pools' next batches (see SlicePool.prefetch).
-_GATHERER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contraseg-gather")
+
+class _Gatherer:
+    """The one thread of a process that gathers host pools' next batches (SlicePool.prefetch),
+    started at the first one. A forked child starts its own: the parent's thread is not
+    copied into it, and waiting on an executor whose thread is gone would never end."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="contraseg-gather")
+        return self._executor.submit(fn, *args)
+
+    def _forget(self) -> None:
+        self._executor = None
+
+
+_GATHERER = _Gatherer()
 
 
 def partition_bounds(n_slices: int, partitions: int) -> np.ndarray:
