@@ -8,13 +8,13 @@
 #             the 10,000 iterations extrapolated from the timed ones after the warm-up, eager and
 #             compiled, with peak memory and the ratio to the paper's Titan X times; the full
 #             step against the network-only step;
-#   profile   where each stage's step spends its time at the paper's size, eager and compiled:
-#             host against device time, kernels per step, the busiest kernels;
 #   demo      the full demo, timed;
-#   overhead  the fixed per-iteration overhead at 32 x 32;
 #   options   each speed option switched off on its own, the pool left on the host and
 #             cuDNN's benchmark mode switched on (steps only);
-#   kernels   the loss and augmentation benchmarks.
+#   kernels   the loss and augmentation benchmarks (the augmentation eager and compiled);
+#   profile   where each stage's step spends its time at the paper's size, eager and compiled:
+#             host against device time, kernels per step, the busiest kernels;
+#   overhead  the fixed per-iteration overhead at 32 x 32.
 #
 # Each step writes its rows to BENCHMARKS.md as it measures them (this machine's rows are
 # replaced); commit them. A failing step does not stop the others; the summary at the end names
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
 BUDGET=${GPU_BUDGET:-470}
-ALL_STEPS=(tests stages profile demo overhead options kernels)
+ALL_STEPS=(tests stages demo options kernels profile overhead)
 STEPS=("${@:-${ALL_STEPS[@]}}")
 for name in "${STEPS[@]}"; do
     if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
@@ -117,16 +117,16 @@ step() {
 step tests 240 "$PYTHON" -m pytest -vv -p no:cacheprovider -n 8 tests
 step stages 230 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants no-compile default --run-iterations 200 --warm-up 20 --write
-step profile 120 "$PYTHON" bench/bench_profile.py --device cuda --size paper \
-    --variants no-compile default --write
 step demo 120 "$PYTHON" bench/bench_demo.py --device cuda --write
-step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
-    --variants no-compile --write
 step options 130 "$PYTHON" bench/bench_train.py --device cuda --sizes paper \
     --variants fp32 no-channels-last no-fused-adam host-pool cudnn-benchmark --rounds 2 \
     --steps 20 --write
 step kernels 90 bash -c "'$PYTHON' bench/bench_losses.py --device cuda --repeats 10 --write &&
     '$PYTHON' bench/bench_augment.py --device cuda --repeats 5 --write"
+step profile 120 "$PYTHON" bench/bench_profile.py --device cuda --size paper \
+    --variants no-compile default --write
+step overhead 60 "$PYTHON" bench/bench_train.py --device cuda --sizes tiny \
+    --variants no-compile --write
 
 echo "== bench/gpu.sh: done after $((SECONDS - START)) s; commit the new rows of BENCHMARKS.md"
 printf '   %s\n' "${summary[@]}"

@@ -85,7 +85,7 @@ def test_gpu_script_says_in_one_line_what_it_lacks() -> None:
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == [
         "bench/gpu.sh: no step 'nosuchstep'; the steps are: "
-        "tests stages profile demo overhead options kernels"
+        "tests stages demo options kernels profile overhead"
     ]
     no_gpu = _run("env", f"PYTHON={sys.executable}", "bash", "bench/gpu.sh", "stages")
     assert no_gpu.returncode == 2
